@@ -1,0 +1,56 @@
+// Python bindings of deltaops._C, the C++ CPU backend of the sparse-delta
+// family. Names and semantics: docs/backend-contract.md; the reference in
+// python/deltaops/reference/sparse.py is the bit-for-bit specification.
+// Every function releases the GIL; invalid input raises ValueError (TypeError
+// for an unsupported dtype) before anything is written.
+#include <torch/extension.h>
+
+#include "cpu/sparse_cpu.h"
+
+namespace py = pybind11;
+namespace dc = deltaops::cpu;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "deltaops C++ CPU kernels: the sparse-delta family (see docs/backend-contract.md)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const dc::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+
+  using release = py::call_guard<py::gil_scoped_release>;
+
+  m.def("radix_histogram", &dc::radix_histogram, py::arg("x"), py::arg("level"), py::arg("prefix"),
+        release(),
+        "int64 histogram of magnitude keys: 32768 bins (16-bit, fp32 level 0) or 65536 "
+        "(fp32 level 1, keys with key >> 16 == prefix)");
+  m.def("threshold_mask", &dc::threshold_mask, py::arg("x"), py::arg("threshold_key"),
+        py::arg("take_equal"), release(),
+        "bool mask: key > threshold_key, or key == threshold_key among the first take_equal such "
+        "in flat order");
+  m.def("topk_mask", &dc::topk_mask, py::arg("x"), py::arg("k"), release(),
+        "bool mask of the k largest |x|, ties to the lowest flat index; ValueError on NaN");
+  m.def("philox_uniform_like", &dc::philox_uniform_like, py::arg("x"), py::arg("seed"),
+        py::arg("stream"), release(), "fp32 Philox4x32-10 uniforms in [0, 1), shaped like x");
+  m.def("dare", &dc::dare, py::arg("delta"), py::arg("density"), py::arg("seed"), py::arg("stream"),
+        py::arg("rescale"), release(), "DARE drop (and rescale) of delta, same dtype");
+  m.def("apply_dense_", &dc::apply_dense_, py::arg("weight"), py::arg("delta"), py::arg("alpha"),
+        release(), "in place weight += alpha * delta (fp32 math, no FMA, one rounding)");
+  m.def("apply_coo_", &dc::apply_coo_, py::arg("weight"), py::arg("indices"), py::arg("values"),
+        py::arg("alpha"), release(),
+        "in place weight.flat[indices] += alpha * values; indices validated first");
+  m.def("apply_bitmask_", &dc::apply_bitmask_, py::arg("weight"), py::arg("packed_mask"),
+        py::arg("values"), py::arg("alpha"), release(),
+        "in place add of values at the set bits of packed_mask; mask validated first");
+
+  // Diagnostics (underscored: not part of the backend table).
+  m.def("_philox_uniform_range", &dc::philox_uniform_range, py::arg("first"), py::arg("count"),
+        py::arg("seed"), py::arg("stream"), release(),
+        "test hook: the philox_uniform_like values of flat elements [first, first + count)");
+  m.def("_isa", &dc::isa, "the kernel table in use: avx512, avx2 or baseline");
+  m.def("_set_isa", &dc::set_isa, py::arg("name"),
+        "choose the kernel table: auto, avx512, avx2 or baseline; returns the one in use");
+}

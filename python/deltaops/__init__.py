@@ -1,0 +1,36 @@
+"""deltaops: fused kernels for weight-delta arithmetic.
+
+Merging fine-tunes (task arithmetic, TIES, DARE, ...), compressing their deltas
+(sparse, 1-bit, ternary, low-bit, low-rank) and applying them to base weights,
+with a pure-torch reference for every op and C++, Triton and CUDA kernels
+behind ``torch.ops.deltaops``. See README.md for the ops x backends table.
+"""
+
+from .backends import BackendUnavailableError, use_backend
+from .formats.sparse import SparseDelta
+from .ops.sparse import (
+    DeltaUndo,
+    apply_delta_,
+    dare,
+    magnitude_histogram,
+    random_uniform_like,
+    sparsify,
+    threshold_mask,
+    topk_mask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "DeltaUndo",
+    "SparseDelta",
+    "apply_delta_",
+    "dare",
+    "magnitude_histogram",
+    "random_uniform_like",
+    "sparsify",
+    "threshold_mask",
+    "topk_mask",
+    "use_backend",
+]

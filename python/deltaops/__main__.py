@@ -1,0 +1,5 @@
+"""``python -m deltaops``: the command line (see :mod:`deltaops.cli`)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Public ops, one module per family: argument checks, then ``torch.ops.deltaops``."""

@@ -1,0 +1,9 @@
+"""Pure-torch references: the specification of every deltaops op.
+
+One module per family. Tests and benchmarks import the references from here;
+nothing else defines the semantics.
+"""
+
+from . import philox, sparse
+
+__all__ = ["philox", "sparse"]
