@@ -7,6 +7,7 @@
 // baseline target in this translation unit too (the deltaops ones are
 // always_inline and get inlined into the AVX-512 loops); no function with an
 // AVX-512 body can be shared with, or chosen by the linker for, baseline code.
+
 // Floating-point operations never trap in deltaops (torch runs with exceptions
 // masked), so let GCC speculate them: it may then if-convert the branches of
 // the shared element math (dare_element's division, fp16_to_f32's subnormal

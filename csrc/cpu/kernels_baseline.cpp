@@ -1,5 +1,6 @@
 // The kernel loops compiled for the build's baseline ISA (setup.py: -march,
 // x86-64-v3 by default, i.e. AVX2/FMA/F16C/BMI2; contraction is off).
+
 // Floating-point operations never trap in deltaops (torch runs with exceptions
 // masked), so let GCC speculate them: it may then if-convert the branches of
 // the shared element math (dare_element's division, fp16_to_f32's subnormal

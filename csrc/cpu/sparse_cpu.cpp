@@ -1,19 +1,21 @@
 // deltaops._C: tensors, validation, threading and ISA dispatch of the
 // sparse-delta family. The loops themselves are in kernels.inc.
 //
-// Threading: at::parallel_for (torch's intra-op pool). Every result is
-// independent of the thread count: element-wise kernels trivially; histograms
-// are sums of integer counts; the order-dependent passes (equal keys taken in
-// flat order by threshold_mask, value offsets of a bitmask) work on chunks of a
-// fixed size (not a function of the thread count): a read-only count pass per
-// chunk, an exclusive scan, then a write pass.
+// Threading: torch's intra-op pool (at::parallel_for starts one task per
+// thread; the tasks then take fixed-size chunks of the work from a shared
+// counter, so a thread that starts late, on a busy machine, leaves its share
+// to the others instead of holding everyone up). Every result is independent
+// of the thread count and of which thread runs which chunk: element-wise
+// kernels trivially; histograms are sums of integer counts; the
+// order-dependent passes (equal keys taken in flat order by threshold_mask,
+// value offsets of a bitmask) work on chunks of a fixed size: a read-only
+// count pass per chunk, an exclusive scan, then a write pass.
 #include "sparse_cpu.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -78,6 +80,49 @@ const Kernels& K() {
   return *table;
 }
 
+// ---- threading ------------------------------------------------------------------------
+
+// Calls f(slot, begin, end) for consecutive chunks [begin, end) of [0, n) of
+// `chunk` items (the last one shorter), from up to at::get_num_threads()
+// threads; `slot` in [0, slots()) identifies the calling task (for per-thread
+// scratch). Chunks are handed out dynamically.
+class DynamicFor {
+ public:
+  DynamicFor(int64_t n, int64_t chunk) : n_(n), chunk_(chunk < 1 ? 1 : chunk) {
+    nchunks_ = (n_ + chunk_ - 1) / chunk_;
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    slots_ = std::max<int64_t>(1, std::min<int64_t>(threads, nchunks_));
+  }
+  int64_t slots() const { return slots_; }
+
+  template <typename F>
+  void run(const F& f) const {
+    if (nchunks_ == 0) return;
+    if (slots_ == 1) {
+      for (int64_t c = 0; c < nchunks_; ++c) f(int64_t(0), c * chunk_, std::min(n_, (c + 1) * chunk_));
+      return;
+    }
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, slots_, 1, [&](int64_t slot_begin, int64_t slot_end) {
+      for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
+        for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < nchunks_;
+             c = next.fetch_add(1, std::memory_order_relaxed)) {
+          f(slot, c * chunk_, std::min(n_, (c + 1) * chunk_));
+        }
+      }
+    });
+  }
+
+ private:
+  int64_t n_, chunk_, nchunks_, slots_;
+};
+
+// f(begin, end) over chunks of [0, n).
+template <typename F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
+  DynamicFor(n, chunk).run([&](int64_t, int64_t b, int64_t e) { f(b, e); });
+}
+
 // ---- argument checks ---------------------------------------------------------------
 
 // "torch.int16" style, as Python prints a dtype.
@@ -119,8 +164,9 @@ uint64_t checked_seed(int64_t seed) {
   return static_cast<uint64_t>(seed);
 }
 
-// Element-wise loops: grain in elements (small tensors stay on one thread).
-constexpr int64_t kGrain = 1 << 15;
+// Element-wise loops: chunk in elements (a multiple of 4 and of 64 bytes;
+// tensors of one chunk stay on the calling thread).
+constexpr int64_t kChunk = 1 << 16;
 // Fixed chunk sizes of the order-dependent passes (never derived from the thread count).
 constexpr int64_t kMaskChunk = 1 << 16;          // elements
 constexpr int64_t kBitmaskChunkBytes = 1 << 13;  // bytes = 65536 elements
@@ -129,13 +175,22 @@ constexpr int64_t kCooChunk = 1 << 16;           // indices
 // A fresh output tensor. Large outputs are advised as transparent huge pages
 // before their first touch (as torch does under THP_MEM_ALLOC_ENABLE=1):
 // first-touch faults of 4 KiB pages otherwise cost more than the kernel
-// itself (several times over in a VM). Purely a performance hint.
+// itself (several times over in a VM). Purely a performance hint;
+// DELTAOPS_CPU_THP=0 turns it off.
+bool advise_huge_pages() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("DELTAOPS_CPU_THP");
+    return !(env && std::string(env) == "0");
+  }();
+  return enabled;
+}
+
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const size_t bytes = out.nbytes();
-  if (bytes >= (size_t(8) << 20)) {
+  if (bytes >= (size_t(8) << 20) && advise_huge_pages()) {
     const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
     const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
     const uintptr_t last = (start + bytes) & ~(kHuge - 1);
@@ -154,36 +209,55 @@ enum class HistKind { k16, k32Level0, k32Level1 };
 bool histogram_into(const Kernels& k, HistKind kind, const void* data, int64_t n, uint32_t prefix,
                     int64_t* out) {
   const int bins = kind == HistKind::k32Level1 ? kBinsLevel1 : kBins16;
-  std::mutex mutex;
   std::atomic<bool> nan{false};
-  at::parallel_for(0, n, 1 << 18, [&](int64_t begin, int64_t end) {
-    const int nsub = (end - begin) >= (1 << 16) ? (kind == HistKind::k32Level1 ? 2 : 4) : 1;
-    std::vector<uint32_t> sub(static_cast<size_t>(nsub) * bins);
-    // Pieces keep every uint32 count below 2^31.
-    constexpr int64_t kPiece = int64_t(1) << 30;
-    for (int64_t start = begin; start < end; start += kPiece) {
-      const int64_t len = std::min(kPiece, end - start);
-      std::fill(sub.begin(), sub.end(), 0u);
-      switch (kind) {
-        case HistKind::k16:
-          k.hist16(static_cast<const uint16_t*>(data) + start, len, sub.data(), nsub);
-          break;
-        case HistKind::k32Level0:
-          if (k.hist32_level0(static_cast<const uint32_t*>(data) + start, len, sub.data(), nsub))
-            nan.store(true, std::memory_order_relaxed);
-          break;
-        case HistKind::k32Level1:
-          k.hist32_level1(static_cast<const uint32_t*>(data) + start, len, prefix, sub.data(), nsub);
-          break;
+  // Per task: nsub uint32 sub-histograms, added into an int64 total before any
+  // count could pass 2^31, and at the end.
+  const int64_t chunk = int64_t(1) << 20;
+  const int nsub = n >= (int64_t(1) << 16) ? (kind == HistKind::k32Level1 ? 2 : 4) : 1;
+  DynamicFor loop(n, chunk);
+  struct Scratch {
+    std::vector<uint32_t> sub;
+    std::vector<int64_t> total;
+    int64_t pending = 0;
+  };
+  std::vector<Scratch> scratch(loop.slots());
+  auto flush = [&](Scratch& sc) {
+    for (int s = 0; s < nsub; ++s) {
+      uint32_t* h = sc.sub.data() + static_cast<size_t>(s) * bins;
+      for (int b = 0; b < bins; ++b) {
+        sc.total[b] += h[b];
+        h[b] = 0;
       }
-      for (int s = 1; s < nsub; ++s) {
-        const uint32_t* h = sub.data() + static_cast<size_t>(s) * bins;
-        for (int b = 0; b < bins; ++b) sub[b] += h[b];
-      }
-      std::lock_guard<std::mutex> lock(mutex);
-      for (int b = 0; b < bins; ++b) out[b] += sub[b];
     }
+    sc.pending = 0;
+  };
+  loop.run([&](int64_t slot, int64_t begin, int64_t end) {
+    Scratch& sc = scratch[slot];
+    if (sc.sub.empty()) {
+      sc.sub.assign(static_cast<size_t>(nsub) * bins, 0u);
+      sc.total.assign(bins, 0);
+    }
+    const int64_t len = end - begin;
+    if (sc.pending + len >= (int64_t(1) << 31)) flush(sc);
+    switch (kind) {
+      case HistKind::k16:
+        k.hist16(static_cast<const uint16_t*>(data) + begin, len, sc.sub.data(), nsub);
+        break;
+      case HistKind::k32Level0:
+        if (k.hist32_level0(static_cast<const uint32_t*>(data) + begin, len, sc.sub.data(), nsub))
+          nan.store(true, std::memory_order_relaxed);
+        break;
+      case HistKind::k32Level1:
+        k.hist32_level1(static_cast<const uint32_t*>(data) + begin, len, prefix, sc.sub.data(), nsub);
+        break;
+    }
+    sc.pending += len;
   });
+  for (Scratch& sc : scratch) {
+    if (sc.sub.empty()) continue;
+    flush(sc);
+    for (int b = 0; b < bins; ++b) out[b] += sc.total[b];
+  }
   return nan.load();
 }
 
@@ -232,12 +306,12 @@ at::Tensor threshold_impl(const at::Tensor& x, uint64_t t, int64_t take, int64_t
   };
   if (take <= 0 || (equal_total >= 0 && take >= equal_total)) {
     const bool inclusive = take > 0;
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { write(b, e, inclusive); });
+    parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) { write(b, e, inclusive); });
     return out;
   }
   const int64_t nchunks = (n + kMaskChunk - 1) / kMaskChunk;
   std::vector<int64_t> before(nchunks + 1, 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+  parallel_chunks(nchunks, 4, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t b = c * kMaskChunk, len = std::min(kMaskChunk, n - b);
       before[c + 1] = bits16 ? k.count_equal16(static_cast<const uint16_t*>(data) + b, len, t32)
@@ -245,7 +319,7 @@ at::Tensor threshold_impl(const at::Tensor& x, uint64_t t, int64_t take, int64_t
     }
   });
   for (int64_t c = 0; c < nchunks; ++c) before[c + 1] += before[c];  // exclusive scan
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+  parallel_chunks(nchunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t b = c * kMaskChunk, e = std::min(n, b + kMaskChunk);
       if (before[c + 1] <= take) {
@@ -353,7 +427,7 @@ at::Tensor philox_uniform_like(const at::Tensor& x, int64_t seed, int64_t stream
   at::Tensor out = new_output(x.sizes(), x.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const Kernels& k = K();
-  at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) { k.philox_uniform(o, b, e, s, st); });
+  parallel_chunks(x.numel(), kChunk, [&](int64_t b, int64_t e) { k.philox_uniform(o, b, e, s, st); });
   return out;
 }
 
@@ -367,7 +441,7 @@ at::Tensor dare(const at::Tensor& delta, double density, int64_t seed, int64_t s
   const void* d = delta.data_ptr();
   void* o = out.data_ptr();
   auto fn = K().dare[dt][rescale ? 1 : 0];
-  at::parallel_for(0, delta.numel(), kGrain, [&](int64_t b, int64_t e) { fn(d, o, b, e, s, st, p); });
+  parallel_chunks(delta.numel(), kChunk, [&](int64_t b, int64_t e) { fn(d, o, b, e, s, st, p); });
   return out;
 }
 
@@ -383,7 +457,7 @@ void apply_dense_(at::Tensor& weight, const at::Tensor& delta, double alpha) {
   const void* d = delta.data_ptr();
   const float a = static_cast<float>(alpha);
   auto fn = K().apply_dense[wt][dt];
-  at::parallel_for(0, weight.numel(), kGrain, [&](int64_t b, int64_t e) { fn(w, d, b, e, a); });
+  parallel_chunks(weight.numel(), kChunk, [&](int64_t b, int64_t e) { fn(w, d, b, e, a); });
 }
 
 void apply_coo_(at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values, double alpha) {
@@ -412,7 +486,7 @@ void apply_coo_(at::Tensor& weight, const at::Tensor& indices, const at::Tensor&
   // Read-only pass, per fixed chunk; nothing is written before it passes.
   const int64_t nchunks = (nnz + kCooChunk - 1) / kCooChunk;
   std::vector<CooScan> scans(nchunks);
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+  parallel_chunks(nchunks, 4, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c)
       k.coo_scan[it](idx, c * kCooChunk, std::min(nnz, (c + 1) * kCooChunk), &scans[c]);
   });
@@ -441,7 +515,7 @@ void apply_coo_(at::Tensor& weight, const at::Tensor& indices, const at::Tensor&
   const void* v = values.data_ptr();
   const float a = static_cast<float>(alpha);
   auto fn = k.apply_coo[wt][vt][it];
-  at::parallel_for(0, nnz, 1 << 14, [&](int64_t b, int64_t e) { fn(w, idx, v, b, e, a); });
+  parallel_chunks(nnz, kChunk / 4, [&](int64_t b, int64_t e) { fn(w, idx, v, b, e, a); });
 }
 
 void apply_bitmask_(at::Tensor& weight, const at::Tensor& packed_mask, const at::Tensor& values,
@@ -472,7 +546,7 @@ void apply_bitmask_(at::Tensor& weight, const at::Tensor& packed_mask, const at:
   // Count pass per fixed chunk of bytes, then an exclusive scan: value offsets.
   const int64_t nchunks = (nbytes + kBitmaskChunkBytes - 1) / kBitmaskChunkBytes;
   std::vector<int64_t> before(nchunks + 1, 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+  parallel_chunks(nchunks, 8, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t b = c * kBitmaskChunkBytes;
       before[c + 1] = k.popcount(packed + b, std::min(kBitmaskChunkBytes, nbytes - b));
@@ -489,7 +563,7 @@ void apply_bitmask_(at::Tensor& weight, const at::Tensor& packed_mask, const at:
   const float a = static_cast<float>(alpha);
   auto fn = k.apply_bitmask[wt][vt];
   constexpr int64_t chunk_elems = kBitmaskChunkBytes * 8;
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+  parallel_chunks(nchunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       if (before[c + 1] == before[c]) continue;  // no bit set in this chunk
       fn(w, packed, v, kept, c * chunk_elems, std::min(n, (c + 1) * chunk_elems), before[c], a);
@@ -505,7 +579,7 @@ at::Tensor philox_uniform_range(int64_t first, int64_t count, int64_t seed, int6
   // The kernel indexes its output by absolute element index.
   float* base = out.data_ptr<float>() - first;
   const Kernels& k = K();
-  at::parallel_for(first, first + count, kGrain, [&](int64_t b, int64_t e) { k.philox_uniform(base, b, e, s, st); });
+  parallel_chunks(count, kChunk, [&](int64_t b, int64_t e) { k.philox_uniform(base, first + b, first + e, s, st); });
   return out;
 }
 

@@ -8,6 +8,7 @@ behind ``torch.ops.deltaops``. See README.md for the ops x backends table.
 
 from .backends import BackendUnavailableError, use_backend
 from .formats.sparse import SparseDelta
+from .ops.merge import merge_tensors
 from .ops.sparse import (
     DeltaUndo,
     apply_delta_,
@@ -28,6 +29,7 @@ __all__ = [
     "apply_delta_",
     "dare",
     "magnitude_histogram",
+    "merge_tensors",
     "random_uniform_like",
     "sparsify",
     "threshold_mask",

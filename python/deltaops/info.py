@@ -44,7 +44,7 @@ def report() -> str:
     try:
         from . import _C
 
-        lines.append(f"CPU kernels: ISA in use {_C.isa()}" if hasattr(_C, "isa") else "CPU kernels built")
+        lines.append(f"CPU kernels: {_C._isa()} loops in use (DELTAOPS_CPU_ISA=avx2 forces the baseline)")
     except ImportError:
         pass
     lines.append(f"selected backend: {backends.selected()}  (DELTAOPS_BACKEND or deltaops.use_backend)")

@@ -47,38 +47,43 @@ DELTAOPS_HD uint16_t f32_to_bf16(float f) {
 // ---- float16 (IEEE binary16) -----------------------------------------------
 
 DELTAOPS_HD float fp16_to_f32(uint16_t h) {
+  // Branch-free (selects only) so that compilers vectorize it.
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1Fu;
   const uint32_t mant = h & 0x3FFu;
-  if (exp == 0x1Fu) return f32_from_bits(sign | 0x7F800000u | (mant << 13));  // inf / NaN
-  if (exp != 0) return f32_from_bits(sign | ((exp + 112u) << 23) | (mant << 13));
+  // normal: rebias the exponent (15 -> 127); inf / NaN: all-ones exponent, payload kept
+  const uint32_t normal = (exp == 0x1Fu ? 0x7F800000u : ((exp + 112u) << 23)) | (mant << 13);
   // zero or subnormal: mant * 2^-24, exact in fp32
-  const float magnitude = static_cast<float>(mant) * 5.9604644775390625e-08f;
-  return f32_from_bits(sign | f32_bits(magnitude));
+  const uint32_t subnormal = f32_bits(static_cast<float>(static_cast<int32_t>(mant)) * 5.9604644775390625e-08f);
+  return f32_from_bits(sign | (exp == 0 ? subnormal : normal));
 }
 
 DELTAOPS_HD uint16_t f32_to_fp16(float f) {
+  // Branch-free (every case computed, then selected) so that compilers vectorize it.
   uint32_t u = f32_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   u &= 0x7FFFFFFFu;
-  if (u > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);  // NaN
-  if (u >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520: inf
-  if (u < 0x38800000u) {
-    // Result is a half subnormal (or zero): its mantissa is round(|f| * 2^24).
-    // Shift the fp32 significand (with implicit bit) right with RNE.
-    if (u < 0x33000000u) return static_cast<uint16_t>(sign);  // < 2^-25: rounds to zero
-    const uint32_t exp = u >> 23;                              // 102..112
-    const uint32_t significand = (u & 0x7FFFFFu) | 0x800000u;
-    const uint32_t shift = 126u - exp;                         // 14..24
-    const uint32_t halfway = 1u << (shift - 1);
-    const uint32_t rest = significand & ((1u << shift) - 1u);
-    uint32_t mant = significand >> shift;
-    if (rest > halfway || (rest == halfway && (mant & 1u))) ++mant;
-    return static_cast<uint16_t>(sign | mant);
-  }
-  const uint32_t mant_odd = (u >> 13) & 1u;
-  u += 0xC8000FFFu + mant_odd;  // rebias exponent (127 -> 15) and round half to even
-  return static_cast<uint16_t>(sign | (u >> 13));
+  // Normal half: rebias the exponent (127 -> 15) and round half to even.
+  const uint32_t normal = (u + 0xC8000FFFu + ((u >> 13) & 1u)) >> 13;
+  // Half subnormal (2^-25 <= |f| < 2^-14): its mantissa is round(|f| * 2^24),
+  // the fp32 significand (with implicit bit) shifted right with RNE. The shift
+  // is clamped so that it stays defined where this result is not selected.
+  const int32_t exp = static_cast<int32_t>(u >> 23);
+  const int32_t raw_shift = 126 - exp;
+  const uint32_t shift = static_cast<uint32_t>(raw_shift < 14 ? 14 : (raw_shift > 25 ? 25 : raw_shift));
+  const uint32_t significand = (u & 0x7FFFFFu) | 0x800000u;
+  const uint32_t odd = (significand >> shift) & 1u;
+  const uint32_t mant = (significand + (1u << (shift - 1u)) - 1u + odd) >> shift;  // RNE
+  // Select with masks (compilers keep these as data flow, not branches).
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(u < 0x38800000u);   // < 2^-14: subnormal
+  const uint32_t is_zero = 0u - static_cast<uint32_t>(u < 0x33000000u);  // < 2^-25: rounds to zero
+  const uint32_t is_inf = 0u - static_cast<uint32_t>(u >= 0x477FF000u);  // >= 65520: inf
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(u > 0x7F800000u);
+  uint32_t r = (normal & ~is_sub) | (mant & is_sub);
+  r &= ~is_zero;
+  r = (r & ~is_inf) | (0x7C00u & is_inf);
+  r = (r & ~is_nan) | (0x7E00u & is_nan);
+  return static_cast<uint16_t>(sign | r);
 }
 
 // ---- one element type tag per supported dtype -------------------------------

@@ -37,7 +37,11 @@ DELTAOPS_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 
 DELTAOPS_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                                   uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__)
 #pragma unroll
+#else
+#pragma GCC unroll 10
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t hi0 = mulhi32(kPhiloxM0, c0);
     const uint32_t lo0 = kPhiloxM0 * c0;

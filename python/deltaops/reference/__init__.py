@@ -4,6 +4,6 @@ One module per family. Tests and benchmarks import the references from here;
 nothing else defines the semantics.
 """
 
-from . import philox, sparse
+from . import merge, philox, sparse
 
-__all__ = ["philox", "sparse"]
+__all__ = ["merge", "philox", "sparse"]

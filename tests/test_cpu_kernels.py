@@ -1,4 +1,4 @@
-"""Scratch tests of deltaops._C (the C++ CPU kernels) against the reference, bit for bit.
+"""Kernel-level tests of deltaops._C (the C++ CPU kernels) against the reference, bit for bit.
 
 Run directly against the extension (not through the ops layer), on both
 kernel tables (AVX-512 and the AVX2 baseline, where the CPU runs them) and
@@ -255,7 +255,9 @@ def test_apply_coo_bad_indices(env, itype, n):
 def test_apply_bitmask(env, wdtype, vdtype, n):
     gen = torch.Generator().manual_seed(n + 1)
     w = shaped(make(n, wdtype, "special", nan=True))
-    for density in (0.0, 0.05, 0.5, 1.0):
+    # 0.05: sparse tiles; 0.1 and 0.12: tiles on both sides of the kernels'
+    # sparse/dense switch (10%); 0.5, 1.0: dense tiles
+    for density in (0.0, 0.05, 0.1, 0.12, 0.5, 1.0):
         mask = torch.rand(n, generator=gen) < density
         packed = R.pack_mask(mask)
         v = make(int(mask.sum()), vdtype, "special", gen=gen)

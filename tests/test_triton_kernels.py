@@ -1,4 +1,8 @@
-"""Scratch tests of the Triton sparse-delta backend against the reference (bit for bit).
+"""Kernel-level tests of the Triton sparse backend: tilings, counters, rounding corners.
+
+tests/test_sparse_backends.py compares every backend through the public ops;
+this file drives the Triton wrappers directly (block sizes, Philox counters past
+2**32, FMA-sensitive and tie-rounding cases) against the reference, bit for bit.
 
 Runs on CPU tensors under TRITON_INTERPRET=1 (set here before triton is
 imported). Shapes are small: the interpreter is slow.
@@ -316,7 +320,7 @@ def test_apply_coo_bad_indices(index_dtype):
     bad = ([1, 3, 3], [4, 2, 7], [-1, 2, 3], [0, 5, 10], [0, 1, 2**31 - 1])
     for indices in bad:
         w = w0.clone()
-        with pytest.raises(ValueError, match="apply_coo_"):
+        with pytest.raises(ValueError, match="out of range|strictly increasing"):
             T.apply_coo_(w, torch.tensor(indices, dtype=index_dtype), torch.ones(3), 1.0)
         assert torch.equal(w, w0)
     with pytest.raises(ValueError):
@@ -357,7 +361,7 @@ def test_apply_bitmask_bad_inputs():
     ]
     for bad_packed, values in cases:
         w = w0.clone()
-        with pytest.raises(ValueError, match="apply_bitmask_"):
+        with pytest.raises(ValueError, match="set bits|padding bits|elements need"):
             T.apply_bitmask_(w, bad_packed, values, 1.0)
         assert torch.equal(w, w0)
     T.validate_bitmask(packed, n, 3)
