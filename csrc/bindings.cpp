@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include "cpu/sparse_cpu.h"
+#include "cpu/merge_cpu.h"
 
 namespace py = pybind11;
 namespace dc = deltaops::cpu;
@@ -53,4 +54,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_isa", &dc::isa, "the kernel table in use: avx512, avx2 or baseline");
   m.def("_set_isa", &dc::set_isa, py::arg("name"),
         "choose the kernel table: auto, avx512, avx2 or baseline; returns the one in use");
+
+  // The fused merge kernel (sign-elect / task-arithmetic family of merge_tensors).
+  m.def("merge_sign_elect", &dc::merge_sign_elect, py::arg("base"), py::arg("models"),
+        py::arg("method"), py::arg("weights"), py::arg("densities"), py::arg("gammas"),
+        py::arg("lambda_"), py::arg("normalize"), py::arg("rescale"), py::arg("sign_method"),
+        py::arg("seed"), py::arg("thresholds"), py::arg("out_dtype"), release(),
+        "fused merge_tensors for task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, "
+        "breadcrumbs_ties (options resolved per model; see csrc/cpu/merge_cpu.h)");
+  m.def("merge_delta_histogram", &dc::merge_delta_histogram, py::arg("base"), py::arg("model"),
+        py::arg("level"), py::arg("prefix"), release(),
+        "radix histogram of the magnitude keys of fp32(model) - fp32(base), no delta stored");
+  m.def("merge_delta_topk", &dc::merge_delta_topk, py::arg("base"), py::arg("model"), py::arg("ks"),
+        release(), "(threshold_key, take_equal) per k for the top-k of fp32(model) - fp32(base); "
+        "take_equal -1 means every equal key");
 }

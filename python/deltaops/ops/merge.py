@@ -1,11 +1,185 @@
 """Public merge op: ``deltaops.merge_tensors``.
 
-For now it runs the pure-torch reference (:mod:`deltaops.reference.merge`:
-fp32 arithmetic, sums in model order, the sparse family's top-k tie rule) on
-every device: correct, but eager-speed. The fused single-pass kernels (CPU,
-Triton, CUDA) that replace it are the next step of the merge issue.
+Semantics: :mod:`deltaops.reference.merge` (fp32 arithmetic, sums in model
+order, the sparse family's top-k tie rule). The sign-elect / task-arithmetic
+methods (:data:`FUSED_METHODS`) go through the custom op
+``torch.ops.deltaops.merge_sign_elect``, whose CPU kernel
+(``deltaops._C.merge_sign_elect``) makes one fused pass over the elements
+after its selection pre-passes (histogram thresholds, equal-key counts, and the
+norms of a rescale), with no per-model temporaries of the tensor's size. The
+other methods (linear, della*, slerp, model_stock, sce), CUDA tensors and the
+``reference``/``triton``/``cuda`` backends run the reference.
+
+Exactness: the kernel is bit-exact against the reference except for
+``rescale`` ``"l1"``/``"l2"`` (the default of dare_*): the reference takes the
+norms from torch's fp32 reductions, whose order is not pinned; the kernel sums
+in double per fixed chunk, so its scale factors (and results) agree within a
+few ulps.
 """
 
-from ..reference.merge import METHODS, merge_tensors, topk_thresholds
+from __future__ import annotations
 
-__all__ = ["METHODS", "merge_tensors", "topk_thresholds"]
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..reference import merge as ref
+from ..reference.merge import METHODS, topk_thresholds
+from ..reference.philox import check_seed
+from ._registry import define
+
+__all__ = ["METHODS", "FUSED_METHODS", "merge_tensors", "topk_thresholds"]
+
+FUSED_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                 "breadcrumbs_ties")
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+# ---- thresholds: (key, take) pairs flattened to 4 ints per model -----------------
+
+
+def _encode_one(threshold) -> tuple[int, int]:
+    if isinstance(threshold, int):
+        return int(threshold), -1  # keep key >= threshold: every equal key
+    key, take = threshold
+    return int(key), int(take)
+
+
+def encode_thresholds(thresholds, kind: Optional[str]) -> list[int]:
+    """``thresholds`` (checked) as ``[keep_key, keep_take, drop_key, drop_take] * n``."""
+    if thresholds is None:
+        return []
+    flat: list[int] = []
+    for entry in thresholds:
+        if entry is None:
+            flat += [-1, 0, -1, 0]
+        elif kind == "magnitude_outliers":
+            drop, keep = entry
+            flat += [*_encode_one(keep), *(_encode_one(drop) if drop is not None else (-1, 0))]
+        else:
+            flat += [*_encode_one(entry), -1, 0]
+    return flat
+
+
+def _decode_one(key: int, take: int):
+    return key if take < 0 else (key, take)
+
+
+def decode_thresholds(flat: list[int], n: int, kind: Optional[str]) -> list:
+    if not flat:
+        return [None] * n
+    out = []
+    for i in range(n):
+        keep_key, keep_take, drop_key, drop_take = flat[4 * i:4 * i + 4]
+        if keep_key < 0:
+            out.append(None)
+        elif kind == "magnitude_outliers":
+            drop = _decode_one(drop_key, drop_take) if drop_key >= 0 else None
+            out.append((drop, _decode_one(keep_key, keep_take)))
+        else:
+            out.append(_decode_one(keep_key, keep_take))
+    return out
+
+
+# ---- the custom op ------------------------------------------------------------------
+
+
+def _merge_sign_elect(base: Tensor, models: list[Tensor], method: str, weights: list[float],
+                      densities: list[float], gammas: list[float], lambda_: float,
+                      normalize: bool, rescale: str, sign_method: str, seed: int,
+                      thresholds: list[int], out_dtype: str) -> Tensor:
+    spec = ref.TASK_ARITHMETIC[method]
+    return ref.task_arithmetic_family(
+        base, models, spec, weights=list(weights), densities=list(densities),
+        gammas=list(gammas), epsilons=[0.15] * len(models), lambda_=lambda_,
+        normalize=normalize, rescale=rescale or None, sign_method=sign_method, seed=seed,
+        thresholds=decode_thresholds(list(thresholds), len(models), spec.sparsification),
+        out_dtype=_DTYPES[out_dtype])
+
+
+def _merge_sign_elect_fake(base, models, method, weights, densities, gammas, lambda_, normalize,
+                           rescale, sign_method, seed, thresholds, out_dtype):
+    return torch.empty(base.shape, dtype=_DTYPES[out_dtype], device=base.device)
+
+
+merge_sign_elect_op = define("merge_sign_elect", _merge_sign_elect, _merge_sign_elect_fake)
+# The reference backend's table lists deltaops.reference.sparse only: give it this op's
+# reference too, so that use_backend("reference") runs the op (opcheck does).
+backends.get("reference").table.setdefault("merge_sign_elect", _merge_sign_elect)
+
+
+def _use_fused(base: Tensor) -> bool:
+    return base.device.type == "cpu" and backends.selected() in ("auto", "cpu")
+
+
+# ---- public API -----------------------------------------------------------------------
+
+
+def merge_tensors(base: Tensor, models, method: str, *, weights=None, density=1.0,
+                  lambda_: float = 1.0, normalize: Optional[bool] = None, rescale=None,
+                  sign_method: str = "sum", gamma=0.01, epsilon=0.15,
+                  seed: Optional[int] = None, thresholds=None,
+                  out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Merge ``models`` (fine-tunes of ``base``) into one tensor: see
+    :func:`deltaops.reference.merge.merge_tensors` (the specification, options,
+    errors). The methods in :data:`FUSED_METHODS` run the fused kernel on CPU
+    tensors (backend ``cpu`` or ``auto``)."""
+    kwargs = dict(weights=weights, density=density, lambda_=lambda_, normalize=normalize,
+                  rescale=rescale, sign_method=sign_method, gamma=gamma, epsilon=epsilon,
+                  seed=seed, thresholds=thresholds, out_dtype=out_dtype)
+    if method not in FUSED_METHODS or not isinstance(base, Tensor) or not _use_fused(base):
+        return ref.merge_tensors(base, models, method, **kwargs)
+    # The reference's checks, in its order and with its messages.
+    models = ref._check_tensors(base, models)
+    if out_dtype is None:
+        out_dtype = base.dtype
+    elif out_dtype not in ref.SUPPORTED_DTYPES:
+        raise TypeError(f"out_dtype must be one of {ref._dtype_names(ref.SUPPORTED_DTYPES)}; "
+                        f"got {out_dtype}")
+    given = {"weights": weights, "density": density, "lambda_": lambda_, "normalize": normalize,
+             "rescale": rescale, "sign_method": sign_method, "gamma": gamma,
+             "epsilon": epsilon, "thresholds": thresholds}
+    for name, value in given.items():
+        if name not in ref._OPTIONS[method] and not ref._is_default(name, value):
+            raise ValueError(f"{method} does not use {name} (got {value!r}); it takes "
+                             f"{', '.join(sorted(ref._OPTIONS[method])) or 'no options'}")
+    n = len(models)
+    if base.numel() == 0:
+        ref._per_model("weights", weights, n, 1.0)
+        return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    spec = ref.TASK_ARITHMETIC[method]
+    if rescale is None:
+        rescale = spec.rescale
+    if rescale is True:
+        rescale = "l1"
+    elif rescale is False:
+        rescale = None
+    elif rescale not in ref.RESCALE_MODES:
+        raise ValueError(f"rescale must be None, a bool or one of {', '.join(ref.RESCALE_MODES)}; "
+                         f"got {rescale!r}")
+    if sign_method not in ref.SIGN_METHODS:
+        raise ValueError(f"sign_method must be 'sum' or 'count'; got {sign_method!r}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item()) if method in ref.RANDOM_METHODS else 0
+    weights = ref._per_model("weights", weights, n, 1.0)
+    densities = ref._per_model_fractions("density", density, n)
+    gammas = ref._per_model_fractions("gamma", gamma, n)
+    ref._per_model("epsilon", epsilon, n, 0.15)
+    lambda_ = ref._finite("lambda_", lambda_)
+    normalize = spec.normalize if normalize is None else ref._bool("normalize", normalize)
+    seed = check_seed(seed)
+    checked = ref._check_thresholds(thresholds, n, spec.sparsification)
+    flat = encode_thresholds(None if thresholds is None else checked, spec.sparsification)
+    if rescale == "density" and spec.sparsification is not None:
+        for i, d in enumerate(densities):
+            if d <= 0 and (thresholds is not None and checked[i] is not None):
+                raise ValueError(f"rescale='density' needs density > 0 (model {i})")
+    return merge_sign_elect_op(base.contiguous(), [m.contiguous() for m in models], method,
+                               [float(w) for w in weights], [float(d) for d in densities],
+                               [float(g) for g in gammas], float(lambda_), bool(normalize),
+                               rescale or "", sign_method, int(seed), flat,
+                               _DTYPE_NAMES[out_dtype])

@@ -1,0 +1,132 @@
+"""Benchmark of the fused merge kernel (deltaops.merge_tensors, CPU backend)
+against mergekit's ``merge_tensors`` and PEFT's ``ties`` on the same tensors.
+
+    python bench/merge.py [--quick] [--out DIR] [--budget S] [--threads N] [--keep-freed-memory]
+
+Full run: base + 3 fine-tunes of a 4096x11008 bf16 tensor (one MLP projection
+of a 7B model). Cases: TIES (density 0.2, sign "sum"), DARE-TIES (density 0.2,
+rescale "density") and task_arithmetic, each against the peers, and
+task_arithmetic against copy bandwidth. ``--quick``: 128x512 and the
+reference backend too. Writes <out>/merge.csv and <out>/merge.png.
+
+Bytes model ("one pass"): N + 1 input tensors read once and the output
+written once, (N + 2) * numel * element_size. The kernel makes more passes
+than that for TIES (two histogram passes per model and, when take_equal
+splits the equal keys, a count pass), so its % of copy under this model is a
+lower bound on the bandwidth it draws.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.harness import Bench, Target, arg_parser, configure  # noqa: E402
+from bench.sparse import import_deltaops, load_peft_merge_utils  # noqa: E402
+
+FAMILY = "merge"
+FULL_SHAPE = (4096, 11008)
+QUICK_SHAPE = (128, 512)
+N_MODELS = 3
+DENSITY = 0.2
+
+
+def load_mergekit():
+    try:
+        import mergekit.merge_methods as mm
+        return mm
+    except Exception as error:  # noqa: BLE001
+        print(f"mergekit.merge_methods unavailable: {error}", file=sys.stderr)
+        return None
+
+
+def make_data(shape, n, seed=0):
+    """bf16 base ~ N(0, 0.02); fine-tunes = base + N(0, 1e-3), rounded to bf16."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(shape, generator=g) * 1e-3).to(torch.bfloat16)
+              for _ in range(n)]
+    return base, models
+
+
+def main(argv=None) -> int:
+    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    configure(args)
+    torch.manual_seed(0)
+    do = import_deltaops()
+    bench = Bench(FAMILY, quick=args.quick, out_dir=args.out, budget_s=args.budget)
+    shape = QUICK_SHAPE if args.quick else FULL_SHAPE
+    base, models = make_data(shape, N_MODELS)
+    n, es = base.numel(), base.element_size()
+    one_pass = (N_MODELS + 2) * n * es
+    backends = ["cpu"] + (["reference"] if args.quick else [])
+    print(f"shape {tuple(shape)} bf16, {N_MODELS} models, backends {backends}", file=sys.stderr)
+    mm = load_mergekit()
+    peft = load_peft_merge_utils()
+    weights = [1.0] * N_MODELS
+
+    def with_backend(name, fn):
+        def run():
+            with do.use_backend(name):
+                return fn()
+        return run
+
+    def slow(name):
+        return {"warmup": 0, "min_repeat": 1, "max_repeat": 1} if name == "reference" else {}
+
+    with torch.no_grad():
+        bench.copy_reference(base)
+        bench.alloc_reference(base)
+        for method, opts, goal in (
+                ("ties", {"density": DENSITY}, Target("speedup", 10)),
+                ("dare_ties", {"density": DENSITY, "rescale": "density", "seed": 0},
+                 Target("speedup", 10)),
+                ("task_arithmetic", {}, Target("pct_of_copy", 40))):
+            case = f"N={N_MODELS}" + (f" density={DENSITY}" if "density" in opts else "")
+            peer = None
+            if mm is not None:
+                params = {"weight": 1.0, **({"density": DENSITY} if "density" in opts else {})}
+                if method == "dare_ties":
+                    params["rescale"] = False  # mergekit's rescale is l1; closest: none
+                peer = bench.case(method, case, "mergekit", lambda method=method, params=params:
+                                  mm.merge_tensors([base, *models], method, parameters=params,
+                                                   base_index=0),
+                                  bytes=one_pass, tensor=base, status="peer", min_repeat=3,
+                                  notes="bf16 arithmetic, stacked deltas")
+            if method == "ties" and peft is not None:
+                def peft_ties():
+                    deltas = [m - base for m in models]
+                    return base + peft.ties(deltas, torch.ones(N_MODELS, dtype=base.dtype),
+                                            DENSITY, "total")
+                bench.case(method, case, "peft.ties", peft_ties, bytes=one_pass, tensor=base,
+                           status="peer", min_repeat=3, notes="deltas formed and added in the timing")
+            for name in backends if do else []:
+                row = bench.case(method, case, name,
+                                 with_backend(name, lambda method=method, opts=opts:
+                                              do.merge_tensors(base, models, method,
+                                                               weights=weights, **opts)),
+                                 bytes=one_pass, tensor=base,
+                                 peer=peer if method != "task_arithmetic" else None,
+                                 target=goal, **slow(name),
+                                 notes="out of place; bytes: one pass over N+1 inputs + output")
+                if name == "cpu" and row.median_ms is not None and args.quick:
+                    got = do.merge_tensors(base, models, method, weights=weights, **opts)
+                    from deltaops.reference.merge import merge_tensors as ref_merge
+                    if not torch.equal(got.view(torch.int16),
+                                       ref_merge(base, models, method, weights=weights,
+                                                 **opts).view(torch.int16)):
+                        row.notes = "WRONG: differs from the reference"
+        bench.copy_reference(base)
+    bench.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

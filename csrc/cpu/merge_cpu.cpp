@@ -1,0 +1,902 @@
+// deltaops._C: the fused CPU kernel of the sign-elect / task-arithmetic
+// family of merge_tensors (task_arithmetic, ties, dare_ties, dare_linear,
+// breadcrumbs, breadcrumbs_ties). python/deltaops/reference/merge.py is the
+// specification.
+//
+// Loops are compiled for the build's baseline ISA only (x86-64-v3 by
+// default); no per-ISA table yet.
+//
+// Passes (every one reads base and the models; nothing of the tensors' size is
+// stored but the output):
+//   1. selection (magnitude methods without a given threshold): radix
+//      histograms of the keys of fp32(m_i) - fp32(base), computed on the fly,
+//      give each model's (threshold_key, take_equal) exactly as topk_mask;
+//   2. count (only for thresholds whose take_equal splits the equal keys):
+//      per fixed chunk, the number of keys equal to the threshold, then an
+//      exclusive scan: the rank among equal keys in flat order;
+//   3. norms (rescale l1/l2/linf only): per-chunk partial norms of the delta
+//      and the sparsified delta, in double, added in chunk order;
+//   4. the merge: per element, the models in model order, fp32 arithmetic
+//      with the reference's rounding points (no FMA: -ffp-contract=off), one
+//      rounding to the output dtype.
+// Chunks have a fixed size, so results do not depend on the thread count.
+// Exactness: everything is bit-exact against the reference except the norm
+// rescale factors, which the reference takes from torch's fp32 reductions
+// (order not pinned); here they come from double sums rounded to fp32.
+#include "merge_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#include <cstdlib>
+#include <string>
+
+#include "deltaops/bits.h"
+#include "deltaops/philox.h"
+#include "sparse_cpu.h"
+
+namespace deltaops {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 14;     // elements; fixed (rank and norm passes depend on it)
+constexpr int kBlock = 256;             // elements per inner block (multiple of 4)
+constexpr uint64_t kKeyNone = uint64_t(1) << 32;
+constexpr int kBins0 = 1 << 15, kBins1 = 1 << 16;
+
+// f(slot, chunk) for chunk in [0, nchunks), chunks handed out dynamically.
+template <typename F>
+void for_chunks(int64_t nchunks, int64_t& slots_out, const F& f) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(threads, nchunks));
+  slots_out = slots;
+  if (nchunks == 0) return;
+  if (slots == 1) {
+    for (int64_t c = 0; c < nchunks; ++c) f(int64_t(0), c);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, slots, 1, [&](int64_t sb, int64_t se) {
+    for (int64_t slot = sb; slot < se; ++slot)
+      for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) f(slot, c);
+  });
+}
+
+int64_t num_slots(int64_t nchunks) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(threads, nchunks));
+}
+
+inline uint32_t delta_key(float d) { return f32_bits(d) & 0x7FFFFFFFu; }
+
+// ---- pass 1: histograms of delta keys ---------------------------------------------
+
+template <typename T>
+bool delta_histogram(const T* b, const T* m, int64_t n, int level, uint32_t prefix, int64_t* out) {
+  const int bins = level == 0 ? kBins0 : kBins1;
+  const int64_t nchunks = (n + kChunk * 16 - 1) / (kChunk * 16);
+  const int64_t slots = num_slots(nchunks);
+  std::vector<std::vector<uint32_t>> hist(slots);
+  std::vector<uint8_t> nan(slots, 0);
+  int64_t unused;
+  for_chunks(nchunks, unused, [&](int64_t slot, int64_t c) {
+    std::vector<uint32_t>& h = hist[slot];
+    if (h.empty()) h.assign(bins, 0u);
+    const int64_t begin = c * kChunk * 16, end = std::min(n, begin + kChunk * 16);
+    if (level == 0) {
+      uint32_t nan_seen = 0;
+      for (int64_t j = begin; j < end; ++j) {
+        const uint32_t key = delta_key(load_f32(m[j]) - load_f32(b[j]));
+        nan_seen |= key > 0x7F800000u;
+        ++h[key >> 16];
+      }
+      if (nan_seen) nan[slot] = 1;
+    } else {
+      for (int64_t j = begin; j < end; ++j) {
+        const uint32_t key = delta_key(load_f32(m[j]) - load_f32(b[j]));
+        if ((key >> 16) == prefix) ++h[key & 0xFFFFu];
+      }
+    }
+  });
+  // uint32 counts: n < 2^32 per call is checked by the caller.
+  bool any_nan = false;
+  for (int64_t s = 0; s < slots; ++s) {
+    if (!hist[s].empty())
+      for (int i = 0; i < bins; ++i) out[i] += hist[s][i];
+    any_nan |= nan[s] != 0;
+  }
+  return any_nan;
+}
+
+std::pair<int64_t, int64_t> locate(const std::vector<int64_t>& hist, int64_t k) {
+  int64_t above = 0;
+  for (int64_t b = static_cast<int64_t>(hist.size()) - 1; b >= 0; --b) {
+    if (above + hist[b] >= k) return {b, above};
+    above += hist[b];
+  }
+  TORCH_CHECK(false, "deltaops._C: internal error: k exceeds the histogram total");
+}
+
+struct Thr {
+  uint64_t key = kKeyNone;  // keep key > key ...
+  int64_t take = 0;         // ... plus the first `take` equal (-1: all)
+};
+
+template <typename T>
+std::vector<Thr> topk_thresholds(const T* b, const T* m, int64_t n, const std::vector<int64_t>& ks) {
+  std::vector<int64_t> level0(kBins0, 0);
+  if (delta_histogram(b, m, n, 0, 0, level0.data()))
+    throw ValueError("topk_mask: x contains NaN; magnitudes of NaN have no order");
+  std::map<int64_t, std::vector<int64_t>> level1;
+  std::vector<Thr> out;
+  for (int64_t k : ks) {
+    Thr t;
+    if (k <= 0) {
+      t = Thr{kKeyNone, 0};
+    } else if (k >= n) {
+      t = Thr{0, -1};
+    } else {
+      const auto [bucket, above] = locate(level0, k);
+      auto it = level1.find(bucket);
+      if (it == level1.end()) {
+        std::vector<int64_t> h(kBins1, 0);
+        delta_histogram(b, m, n, 1, static_cast<uint32_t>(bucket), h.data());
+        it = level1.emplace(bucket, std::move(h)).first;
+      }
+      const auto [low, above_low] = locate(it->second, k - above);
+      const int64_t take = k - above - above_low;
+      t = Thr{(static_cast<uint64_t>(bucket) << 16) | static_cast<uint64_t>(low),
+              take >= it->second[low] ? -1 : take};
+    }
+    out.push_back(t);
+  }
+  return out;
+}
+
+// ---- per-model configuration ------------------------------------------------------
+
+enum Mode { kDense = 0, kZero = 1, kMagnitude = 2, kRandom = 3 };
+enum Rescale { kNone = 0, kL1 = 1, kL2 = 2, kLinf = 3, kDensity = 4 };
+
+struct ModelCfg {
+  Mode mode = kDense;
+  Thr keep, drop;        // kMagnitude
+  bool has_drop = false;
+  float p = 1.0f;        // fp32(density): random keep probability, density rescale
+  float w = 1.0f;        // fp32(weight)
+  bool scale = false;    // multiply the sparsified delta by `factor` (norm rescale)
+  float factor = 1.0f;
+  // rank bookkeeping: index into the per-chunk count table (or -1)
+  int count_keep = -1, count_drop = -1;
+};
+
+// State of one threshold inside one chunk.
+struct SelState {
+  uint32_t key;        // only meaningful when key_valid
+  bool key_valid;      // threshold key <= 0x7FFFFFFF (else nothing is selected)
+  int kind;            // 0: key > T; 1: key >= T; 2: partial (rank among equal)
+  int64_t left;        // partial: equal keys still to take
+};
+
+SelState sel_state(const Thr& t, int count_index, const std::vector<int64_t>& before, int64_t nchunks,
+                   int64_t c) {
+  SelState s;
+  s.key_valid = t.key <= 0x7FFFFFFFu;
+  s.key = s.key_valid ? static_cast<uint32_t>(t.key) : 0u;
+  s.left = 0;
+  if (t.take < 0) {
+    s.kind = 1;
+  } else if (t.take == 0) {
+    s.kind = 0;
+  } else {
+    const int64_t* bc = before.data() + static_cast<int64_t>(count_index) * (nchunks + 1);
+    if (bc[c + 1] <= t.take) {
+      s.kind = 1;
+    } else if (bc[c] >= t.take) {
+      s.kind = 0;
+    } else {
+      s.kind = 2;
+      s.left = t.take - bc[c];
+    }
+  }
+  return s;
+}
+
+// sel[k] = 1 where the threshold selects element k of the block (keys given).
+inline void select_block(SelState& s, const uint32_t* __restrict keys, int len, uint8_t* __restrict sel) {
+  if (!s.key_valid) {
+    for (int k = 0; k < len; ++k) sel[k] = 0;
+    return;
+  }
+  const uint32_t t = s.key;
+  if (s.kind == 1) {
+    for (int k = 0; k < len; ++k) sel[k] = keys[k] >= t;
+  } else {
+    for (int k = 0; k < len; ++k) sel[k] = keys[k] > t;
+    if (s.kind == 2) {
+      for (int k = 0; k < len && s.left > 0; ++k) {
+        if (keys[k] == t) {
+          sel[k] = 1;
+          --s.left;
+        }
+      }
+    }
+  }
+}
+
+// ---- Philox words of a block of elements ------------------------------------------
+// words[4 b + e] = output e of Philox block q0 + b, b in [0, nblocks). With AVX2
+// (the baseline ISA), eight blocks per vector: deltaops/philox.h's algorithm step
+// for step (32x32 -> 64 products split into mulhi/mullo); the tests compare the
+// keep decisions with the reference's. The low counter word never wraps inside
+// a call (tensors have fewer than 2^31 elements, so q0 + nblocks < 2^30).
+#if defined(__AVX2__)
+inline __m256i mulhi_epu32(__m256i a, __m256i m) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+#endif
+
+void philox_words(uint32_t* __restrict words, uint64_t q0, int nblocks, uint32_t stream, uint64_t seed) {
+  int b = 0;
+#if defined(__AVX2__)
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (; b + 16 <= nblocks; b += 16) {
+    const uint64_t q = q0 + static_cast<uint64_t>(b);
+    __m256i a0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))), lanes);
+    __m256i b0 = _mm256_add_epi32(a0, _mm256_set1_epi32(8));
+    __m256i a1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32))), b1 = a1;
+    __m256i a2 = _mm256_set1_epi32(static_cast<int>(stream)), b2 = a2;
+    __m256i a3 = _mm256_setzero_si256(), b3 = a3;
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      const __m256i vk0 = _mm256_set1_epi32(static_cast<int>(k0));
+      const __m256i vk1 = _mm256_set1_epi32(static_cast<int>(k1));
+      const __m256i ahi0 = mulhi_epu32(a0, m0), alo0 = _mm256_mullo_epi32(a0, m0);
+      const __m256i ahi1 = mulhi_epu32(a2, m1), alo1 = _mm256_mullo_epi32(a2, m1);
+      const __m256i bhi0 = mulhi_epu32(b0, m0), blo0 = _mm256_mullo_epi32(b0, m0);
+      const __m256i bhi1 = mulhi_epu32(b2, m1), blo1 = _mm256_mullo_epi32(b2, m1);
+      a0 = _mm256_xor_si256(_mm256_xor_si256(ahi1, a1), vk0);
+      a2 = _mm256_xor_si256(_mm256_xor_si256(ahi0, a3), vk1);
+      a1 = alo1;
+      a3 = alo0;
+      b0 = _mm256_xor_si256(_mm256_xor_si256(bhi1, b1), vk0);
+      b2 = _mm256_xor_si256(_mm256_xor_si256(bhi0, b3), vk1);
+      b1 = blo1;
+      b3 = blo0;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    alignas(32) uint32_t t[8][8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t[0]), a0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t[1]), a1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t[2]), a2);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t[3]), a3);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t[4]), b0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t[5]), b1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t[6]), b2);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t[7]), b3);
+    uint32_t* w = words + 4 * b;
+    for (int l = 0; l < 8; ++l)
+      for (int e = 0; e < 4; ++e) {
+        w[4 * l + e] = t[e][l];
+        w[32 + 4 * l + e] = t[4 + e][l];
+      }
+  }
+#endif
+  for (; b < nblocks; ++b) {
+    const Philox4 r = philox_block(seed, stream, q0 + static_cast<uint64_t>(b));
+    for (int e = 0; e < 4; ++e) words[4 * b + e] = r.v[e];
+  }
+}
+
+// Per-thread scratch of one block.
+struct Scratch {
+  std::vector<float> bf, d, masked, div, x;  // x: N * kBlock
+  std::vector<uint32_t> keys, words;
+  std::vector<uint8_t> keep, drop;
+  std::vector<SelState> states;  // 2 per model
+  void init(int nmodels) {
+    if (!bf.empty()) return;
+    bf.resize(kBlock);
+    d.resize(kBlock);
+    masked.resize(kBlock);
+    div.resize(kBlock);
+    x.resize(static_cast<size_t>(nmodels) * kBlock);
+    keys.resize(kBlock);
+    words.resize(kBlock);
+    keep.resize(kBlock);
+    drop.resize(kBlock);
+    states.resize(2 * static_cast<size_t>(nmodels));
+  }
+};
+
+struct Plan {
+  int64_t n = 0, nchunks = 0;
+  int nmodels = 0;
+  std::vector<ModelCfg> cfg;
+  Rescale rescale = kNone;
+  uint64_t seed = 0;
+  std::vector<int64_t> before;  // per counted threshold: nchunks + 1 prefix counts
+  int ncounted = 0;
+};
+
+// d = fp32(m) - bf; masked = the sparsified d before any norm rescale (mergekit's
+// `delta * keep`, or where(keep, d / p, 0) for the density rescale).
+template <typename T>
+void sparsify_block(const Plan& plan, int i, const T* __restrict m, int64_t j0, int len, Scratch& sc,
+                    bool want_d) {
+  const ModelCfg& cfg = plan.cfg[i];
+  const float* __restrict bf = sc.bf.data();
+  float* __restrict d = sc.d.data();
+  float* __restrict out = sc.masked.data();
+  for (int k = 0; k < len; ++k) d[k] = load_f32(m[j0 + k]) - bf[k];
+  (void)want_d;
+  switch (cfg.mode) {
+    case kDense:
+      for (int k = 0; k < len; ++k) out[k] = d[k];
+      return;
+    case kZero:
+      for (int k = 0; k < len; ++k) out[k] = 0.0f;
+      return;
+    case kMagnitude: {
+      uint32_t* __restrict keys = sc.keys.data();
+      uint8_t* __restrict keep = sc.keep.data();
+      uint8_t* __restrict drop = sc.drop.data();
+      for (int k = 0; k < len; ++k) keys[k] = delta_key(d[k]);
+      select_block(sc.states[2 * i], keys, len, keep);
+      if (cfg.has_drop) {
+        select_block(sc.states[2 * i + 1], keys, len, drop);
+        for (int k = 0; k < len; ++k) keep[k] = keep[k] & (drop[k] ^ 1);
+      }
+      break;
+    }
+    case kRandom: {
+      uint8_t* __restrict keep = sc.keep.data();
+      const float p = cfg.p;
+      const uint32_t stream = static_cast<uint32_t>(i);
+      // j0 is a multiple of 4 (chunks and blocks are).
+      uint32_t* __restrict words = sc.words.data();
+      philox_words(words, static_cast<uint64_t>(j0) >> 2, (len + 3) / 4, stream, plan.seed);
+      for (int k = 0; k < len; ++k) keep[k] = keep_from_word(words[k], p);
+      break;
+    }
+  }
+  const uint8_t* __restrict keep = sc.keep.data();
+  if (plan.rescale == kDensity) {
+    const float p = cfg.p;
+    for (int k = 0; k < len; ++k) out[k] = keep[k] ? d[k] / p : 0.0f;
+  } else {
+    for (int k = 0; k < len; ++k) out[k] = d[k] * static_cast<float>(keep[k]);
+  }
+}
+
+template <typename T>
+void load_base(const T* __restrict b, int64_t j0, int len, float* __restrict bf) {
+  for (int k = 0; k < len; ++k) bf[k] = load_f32(b[j0 + k]);
+}
+
+void init_states(const Plan& plan, int64_t c, Scratch& sc) {
+  for (int i = 0; i < plan.nmodels; ++i) {
+    const ModelCfg& cfg = plan.cfg[i];
+    if (cfg.mode != kMagnitude) continue;
+    sc.states[2 * i] = sel_state(cfg.keep, cfg.count_keep, plan.before, plan.nchunks, c);
+    if (cfg.has_drop) sc.states[2 * i + 1] = sel_state(cfg.drop, cfg.count_drop, plan.before, plan.nchunks, c);
+  }
+}
+
+// ---- pass 2: equal-key counts per chunk -------------------------------------------
+
+template <typename T>
+void count_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
+  struct Item { int model; uint32_t key; int index; };
+  std::vector<Item> items;
+  auto need = [](const Thr& t) { return t.take > 0 && t.key <= 0x7FFFFFFFu; };
+  for (int i = 0; i < plan.nmodels; ++i) {
+    ModelCfg& cfg = plan.cfg[i];
+    if (cfg.mode != kMagnitude) continue;
+    if (need(cfg.keep)) {
+      cfg.count_keep = plan.ncounted++;
+      items.push_back({i, static_cast<uint32_t>(cfg.keep.key), cfg.count_keep});
+    }
+    if (cfg.has_drop && need(cfg.drop)) {
+      cfg.count_drop = plan.ncounted++;
+      items.push_back({i, static_cast<uint32_t>(cfg.drop.key), cfg.count_drop});
+    }
+  }
+  if (items.empty()) return;
+  const int64_t nc = plan.nchunks;
+  plan.before.assign(static_cast<size_t>(plan.ncounted) * (nc + 1), 0);
+  int64_t unused;
+  for_chunks(nc, unused, [&](int64_t, int64_t c) {
+    const int64_t begin = c * kChunk, end = std::min(plan.n, begin + kChunk);
+    for (const Item& it : items) {
+      const T* m = ms[it.model];
+      int64_t count = 0;
+      for (int64_t j = begin; j < end; ++j)
+        count += delta_key(load_f32(m[j]) - load_f32(b[j])) == it.key;
+      plan.before[static_cast<size_t>(it.index) * (nc + 1) + c + 1] = count;
+    }
+  });
+  for (int q = 0; q < plan.ncounted; ++q) {
+    int64_t* bc = plan.before.data() + static_cast<size_t>(q) * (nc + 1);
+    for (int64_t c = 0; c < nc; ++c) bc[c + 1] += bc[c];
+  }
+}
+
+// ---- pass 3: norms for the rescale ------------------------------------------------
+
+template <typename T>
+void norm_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
+  std::vector<int> which;
+  for (int i = 0; i < plan.nmodels; ++i)
+    if (plan.cfg[i].mode == kMagnitude || plan.cfg[i].mode == kRandom) which.push_back(i);
+  if (which.empty()) return;
+  const int64_t nc = plan.nchunks;
+  const size_t nw = which.size();
+  // per chunk, per model: (norm of d, norm of masked)
+  std::vector<double> part(static_cast<size_t>(nc) * nw * 2, 0.0);
+  std::vector<Scratch> scratch(num_slots(nc));
+  int64_t unused;
+  for_chunks(nc, unused, [&](int64_t slot, int64_t c) {
+    Scratch& sc = scratch[slot];
+    sc.init(plan.nmodels);
+    init_states(plan, c, sc);
+    const int64_t begin = c * kChunk, end = std::min(plan.n, begin + kChunk);
+    std::vector<double> acc(nw * 2, 0.0);
+    for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+      const int len = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
+      load_base(b, j0, len, sc.bf.data());
+      for (size_t q = 0; q < nw; ++q) {
+        sparsify_block(plan, which[q], ms[which[q]], j0, len, sc, true);
+        const float* d = sc.d.data();
+        const float* mk = sc.masked.data();
+        double a0 = acc[2 * q], a1 = acc[2 * q + 1];
+        if (plan.rescale == kL1) {
+          for (int k = 0; k < len; ++k) { a0 += std::fabs(d[k]); a1 += std::fabs(mk[k]); }
+        } else if (plan.rescale == kL2) {
+          for (int k = 0; k < len; ++k) {
+            a0 += double(d[k]) * double(d[k]);
+            a1 += double(mk[k]) * double(mk[k]);
+          }
+        } else {  // linf
+          for (int k = 0; k < len; ++k) {
+            a0 = std::max(a0, double(std::fabs(d[k])));
+            a1 = std::max(a1, double(std::fabs(mk[k])));
+          }
+        }
+        acc[2 * q] = a0;
+        acc[2 * q + 1] = a1;
+      }
+    }
+    std::copy(acc.begin(), acc.end(), part.begin() + static_cast<size_t>(c) * nw * 2);
+  });
+  for (size_t q = 0; q < nw; ++q) {
+    double before = 0, after = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      const double x0 = part[(static_cast<size_t>(c) * nw + q) * 2];
+      const double x1 = part[(static_cast<size_t>(c) * nw + q) * 2 + 1];
+      if (plan.rescale == kLinf) {
+        before = std::max(before, x0);
+        after = std::max(after, x1);
+      } else {
+        before += x0;
+        after += x1;
+      }
+    }
+    if (plan.rescale == kL2) {
+      before = std::sqrt(before);
+      after = std::sqrt(after);
+    }
+    const float fb = static_cast<float>(before), fa = static_cast<float>(after);
+    ModelCfg& cfg = plan.cfg[which[q]];
+    if (fb < 1e-7f || fa < 1e-7f) continue;  // rescale_to_norm skips
+    cfg.scale = true;
+    cfg.factor = fb / fa;
+  }
+}
+
+// ---- pass 4: the merge ------------------------------------------------------------
+
+struct MergeOpts {
+  bool consensus, sign_count, normalize, apply_lambda;
+  float divisor;  // non-consensus normalize divisor (already 0 -> 1)
+  float lambda;
+};
+
+// sign(x) as torch computes it for non-NaN x (+1, -1, 0); written as a difference of
+// compares so that it vectorizes.
+inline float sign_of(float x) { return static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f); }
+// 1.0f where sign(x) == elected (elected = +-1), else 0.0f: x nonzero with the sign
+// bit of elected (zeros never agree).
+// Integer ops only (the compiler does not if-convert float compares here).
+inline float agrees(float x, float elected) {
+  const uint32_t ux = f32_bits(x), ue = f32_bits(elected);
+  const uint32_t nonzero = static_cast<uint32_t>((ux & 0x7FFFFFFFu) != 0u);
+  const uint32_t same = static_cast<uint32_t>(((ux ^ ue) >> 31) == 0u);
+  return f32_from_bits((0u - (nonzero & same)) & 0x3F800000u);
+}
+
+// d, or 1.0f where d == +-0 (integer select: vectorizes).
+inline float nonzero_or_one(float d) {
+  const uint32_t u = f32_bits(d);
+  const uint32_t zero = 0u - static_cast<uint32_t>((u & 0x7FFFFFFFu) == 0u);
+  return f32_from_bits((u & ~zero) | (0x3F800000u & zero));
+}
+
+template <typename T, typename O>
+void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vector<const T*>& ms,
+                O* out) {
+  const int64_t nc = plan.nchunks;
+  const int N = plan.nmodels;
+  std::vector<Scratch> scratch(num_slots(nc));
+  int64_t unused;
+  for_chunks(nc, unused, [&](int64_t slot, int64_t c) {
+    Scratch& sc = scratch[slot];
+    sc.init(N);
+    init_states(plan, c, sc);
+    const int64_t begin = c * kChunk, end = std::min(plan.n, begin + kChunk);
+    for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+      const int len = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
+      float* __restrict bf = sc.bf.data();
+      load_base(b, j0, len, bf);
+      for (int i = 0; i < N; ++i) {
+        const ModelCfg& cfg = plan.cfg[i];
+        float* __restrict x = sc.x.data() + static_cast<size_t>(i) * kBlock;
+        const float w = cfg.w;
+        if (cfg.mode == kDense) {  // no sparsification: x = (m - b) * w
+          const T* __restrict m = ms[i];
+          for (int k = 0; k < len; ++k) x[k] = (load_f32(m[j0 + k]) - bf[k]) * w;
+          continue;
+        }
+        sparsify_block(plan, i, ms[i], j0, len, sc, false);
+        const float* __restrict mk = sc.masked.data();
+        if (cfg.scale) {
+          const float f = cfg.factor;
+          for (int k = 0; k < len; ++k) x[k] = (mk[k] * f) * w;
+        } else {
+          for (int k = 0; k < len; ++k) x[k] = mk[k] * w;
+        }
+      }
+      const float* __restrict xs = sc.x.data();
+      O* __restrict o_ = out + j0;
+      if (o.consensus) {
+        float* __restrict votes = sc.d.data();
+        float* __restrict mixed = sc.masked.data();
+        // votes in model order, then the elected sign (a zero sum elects +1)
+        if (o.sign_count) {
+          for (int k = 0; k < len; ++k) votes[k] = sign_of(xs[k]);
+          for (int i = 1; i < N; ++i) {
+            const float* __restrict x = xs + i * kBlock;
+            for (int k = 0; k < len; ++k) votes[k] = votes[k] + sign_of(x[k]);
+          }
+        } else {
+          for (int k = 0; k < len; ++k) votes[k] = xs[k];
+          for (int i = 1; i < N; ++i) {
+            const float* __restrict x = xs + i * kBlock;
+            for (int k = 0; k < len; ++k) votes[k] = votes[k] + x[k];
+          }
+        }
+        for (int k = 0; k < len; ++k) votes[k] = votes[k] >= 0.0f ? 1.0f : -1.0f;
+        if (o.normalize) {
+          float* __restrict div = sc.div.data();
+          {
+            const float w = plan.cfg[0].w;
+            for (int k = 0; k < len; ++k) {
+              const float keep = agrees(xs[k], votes[k]);
+              mixed[k] = xs[k] * keep;
+              div[k] = w * keep;
+            }
+          }
+          for (int i = 1; i < N; ++i) {
+            const float* __restrict x = xs + i * kBlock;
+            const float w = plan.cfg[i].w;
+            for (int k = 0; k < len; ++k) {
+              const float keep = agrees(x[k], votes[k]);
+              mixed[k] = mixed[k] + x[k] * keep;
+              div[k] = div[k] + w * keep;
+            }
+          }
+          for (int k = 0; k < len; ++k) mixed[k] = mixed[k] / nonzero_or_one(div[k]);
+        } else {
+          for (int k = 0; k < len; ++k)
+            mixed[k] = xs[k] * agrees(xs[k], votes[k]);
+          for (int i = 1; i < N; ++i) {
+            const float* __restrict x = xs + i * kBlock;
+            for (int k = 0; k < len; ++k)
+              mixed[k] = mixed[k] + x[k] * agrees(x[k], votes[k]);
+          }
+        }
+        if (o.apply_lambda)
+          for (int k = 0; k < len; ++k) mixed[k] = mixed[k] * o.lambda;
+        for (int k = 0; k < len; ++k) o_[k] = store_from_f32<O>(bf[k] + mixed[k]);
+      } else {
+        float* __restrict mixed = sc.masked.data();
+        for (int k = 0; k < len; ++k) mixed[k] = xs[k];
+        for (int i = 1; i < N; ++i)
+          for (int k = 0; k < len; ++k) mixed[k] = mixed[k] + xs[i * kBlock + k];
+        if (o.normalize)
+          for (int k = 0; k < len; ++k) mixed[k] = mixed[k] / o.divisor;
+        if (o.apply_lambda)
+          for (int k = 0; k < len; ++k) mixed[k] = mixed[k] * o.lambda;
+        for (int k = 0; k < len; ++k) o_[k] = store_from_f32<O>(bf[k] + mixed[k]);
+      }
+    }
+  });
+}
+
+// ---- argument handling ------------------------------------------------------------
+
+// As sparse_cpu.cpp's new_output: large outputs advised as transparent huge
+// pages before the first touch (4 KiB first-touch faults otherwise cost about
+// as much as the merge of task_arithmetic). DELTAOPS_CPU_THP=0 turns it off.
+void advise_huge_pages(at::Tensor& out) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* env = std::getenv("DELTAOPS_CPU_THP");
+    return !(env && std::string(env) == "0");
+  }();
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = out.nbytes();
+  if (bytes >= (size_t(8) << 20) && enabled) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (start + bytes) & ~(kHuge - 1);
+    if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#else
+  (void)out;
+#endif
+}
+
+int dtype_code_of(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: return -1;
+  }
+}
+
+at::ScalarType out_type(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  throw TypeError("out_dtype must be float32, bfloat16 or float16, got " + name);
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu(), "deltaops._C: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), "deltaops._C: ", name, " must be contiguous");
+  if (dtype_code_of(t.scalar_type()) < 0)
+    throw TypeError(std::string(name) + " must be float32, bfloat16 or float16");
+}
+
+int64_t magnitude_k(double density, int64_t n) {
+  if (density >= 1) return n;
+  if (density <= 0 || n == 0) return 0;
+  return std::max<int64_t>(1, static_cast<int64_t>(density * static_cast<double>(n)));
+}
+
+Thr thr_from(int64_t key, int64_t take) {
+  Thr t;
+  t.key = static_cast<uint64_t>(key);
+  t.take = take;
+  return t;
+}
+
+template <typename T>
+at::Tensor run(const at::Tensor& base, const std::vector<at::Tensor>& models, const std::string& method,
+               const std::vector<double>& weights, const std::vector<double>& densities,
+               const std::vector<double>& gammas, double lambda, bool normalize,
+               const std::string& rescale, const std::string& sign_method, int64_t seed,
+               const std::vector<int64_t>& thresholds, at::ScalarType odt) {
+  Plan plan;
+  plan.n = base.numel();
+  plan.nmodels = static_cast<int>(models.size());
+  plan.nchunks = (plan.n + kChunk - 1) / kChunk;
+  const T* b = static_cast<const T*>(base.data_ptr());
+  std::vector<const T*> ms;
+  for (const at::Tensor& m : models) ms.push_back(static_cast<const T*>(m.data_ptr()));
+
+  enum Kind { kNoSparse, kMag, kRand, kOutliers } kind;
+  bool consensus;
+  if (method == "task_arithmetic") { kind = kNoSparse; consensus = false; }
+  else if (method == "ties") { kind = kMag; consensus = true; }
+  else if (method == "dare_ties") { kind = kRand; consensus = true; }
+  else if (method == "dare_linear") { kind = kRand; consensus = false; }
+  else if (method == "breadcrumbs") { kind = kOutliers; consensus = false; }
+  else if (method == "breadcrumbs_ties") { kind = kOutliers; consensus = true; }
+  else throw ValueError("merge_sign_elect: unsupported method " + method);
+
+  if (rescale.empty()) plan.rescale = kNone;
+  else if (rescale == "l1") plan.rescale = kL1;
+  else if (rescale == "l2") plan.rescale = kL2;
+  else if (rescale == "linf") plan.rescale = kLinf;
+  else if (rescale == "density") plan.rescale = kDensity;
+  else throw ValueError("unknown rescale " + rescale);
+  if (kind == kNoSparse) plan.rescale = kNone;
+  plan.seed = static_cast<uint64_t>(seed);
+
+  plan.cfg.resize(plan.nmodels);
+  for (int i = 0; i < plan.nmodels; ++i) {
+    ModelCfg& cfg = plan.cfg[i];
+    cfg.w = static_cast<float>(weights[i]);
+    const double density = densities[i];
+    cfg.p = static_cast<float>(density);
+    const bool has_thr = !thresholds.empty() && thresholds[4 * i] >= 0;
+    if (kind == kNoSparse) {
+      cfg.mode = kDense;
+      continue;
+    }
+    if (!has_thr) {
+      if (density >= 1) { cfg.mode = kDense; continue; }
+      if (density <= 0) { cfg.mode = kZero; continue; }
+    }
+    if (kind == kRand) {
+      cfg.mode = kRandom;
+    } else {
+      cfg.mode = kMagnitude;
+      if (has_thr) {
+        cfg.keep = thr_from(thresholds[4 * i], thresholds[4 * i + 1]);
+        if (thresholds[4 * i + 2] >= 0) {
+          cfg.has_drop = true;
+          cfg.drop = thr_from(thresholds[4 * i + 2], thresholds[4 * i + 3]);
+        }
+      } else if (kind == kMag) {
+        cfg.keep = topk_thresholds(b, ms[i], plan.n, {magnitude_k(density, plan.n)})[0];
+      } else {  // outlier band
+        const int64_t n = plan.n;
+        const int64_t target = static_cast<int64_t>(density * static_cast<double>(n));
+        const int64_t n_top = static_cast<int64_t>(gammas[i] * static_cast<double>(n));
+        const int64_t n_bottom = std::max<int64_t>(0, n - target - n_top);
+        const int64_t n_drop = n - n_bottom - target;
+        const auto t = topk_thresholds(b, ms[i], n, {n_drop + target, n_drop});
+        cfg.keep = t[0];
+        cfg.has_drop = true;
+        cfg.drop = t[1];
+      }
+    }
+    if (plan.rescale == kDensity && density <= 0 && cfg.mode == kMagnitude)
+      throw ValueError("rescale='density' needs density > 0 (model " + std::to_string(i) + ")");
+  }
+  count_pass(plan, b, ms);
+  if (plan.rescale == kL1 || plan.rescale == kL2 || plan.rescale == kLinf) norm_pass(plan, b, ms);
+
+  MergeOpts o;
+  o.consensus = consensus;
+  o.sign_count = sign_method == "count";
+  o.normalize = normalize;
+  o.lambda = static_cast<float>(lambda);
+  o.apply_lambda = lambda != 1.0;
+  float div = 0.0f;
+  for (int i = 0; i < plan.nmodels; ++i) div = i == 0 ? plan.cfg[i].w : div + plan.cfg[i].w;
+  o.divisor = std::fabs(div) < 1e-8f ? 1.0f : div;
+
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(odt));
+  advise_huge_pages(out);
+  switch (odt) {
+    case at::kFloat: merge_pass(plan, o, b, ms, static_cast<float*>(out.data_ptr())); break;
+    case at::kBFloat16: merge_pass(plan, o, b, ms, static_cast<bf16_t*>(out.data_ptr())); break;
+    default: merge_pass(plan, o, b, ms, static_cast<fp16_t*>(out.data_ptr())); break;
+  }
+  return out;
+}
+
+void check_pair(const at::Tensor& base, const at::Tensor& model) {
+  check_cpu(base, "base");
+  check_cpu(model, "model");
+  if (model.scalar_type() != base.scalar_type()) throw TypeError("model and base dtypes differ");
+  if (model.numel() != base.numel()) throw ValueError("model and base sizes differ");
+}
+
+}  // namespace
+
+at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor>& models,
+                            const std::string& method, const std::vector<double>& weights,
+                            const std::vector<double>& densities, const std::vector<double>& gammas,
+                            double lambda, bool normalize, const std::string& rescale,
+                            const std::string& sign_method, int64_t seed,
+                            const std::vector<int64_t>& thresholds, const std::string& out_dtype) {
+  check_cpu(base, "base");
+  const size_t n = models.size();
+  if (n == 0) throw ValueError("models must hold at least one tensor");
+  if (weights.size() != n || densities.size() != n || gammas.size() != n)
+    throw ValueError("merge_sign_elect: one weight, density and gamma per model");
+  if (!thresholds.empty() && thresholds.size() != 4 * n)
+    throw ValueError("merge_sign_elect: thresholds must hold 4 ints per model");
+  if (sign_method != "sum" && sign_method != "count")
+    throw ValueError("sign_method must be 'sum' or 'count'; got '" + sign_method + "'");
+  if (seed < 0) throw ValueError("seed must be in [0, 2**63)");
+  for (const at::Tensor& m : models) {
+    check_pair(base, m);
+    if (!m.sizes().equals(base.sizes())) throw ValueError("models must have base's shape");
+  }
+  const at::ScalarType odt = out_type(out_dtype);
+  if (base.numel() == 0) return at::empty(base.sizes(), base.options().dtype(odt));
+  if (base.numel() >= (int64_t(1) << 32) / 2)
+    throw ValueError("merge_sign_elect: tensors of 2^31 elements or more are not supported");
+  switch (base.scalar_type()) {
+    case at::kFloat:
+      return run<float>(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
+                        sign_method, seed, thresholds, odt);
+    case at::kBFloat16:
+      return run<bf16_t>(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
+                         sign_method, seed, thresholds, odt);
+    default:
+      return run<fp16_t>(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
+                         sign_method, seed, thresholds, odt);
+  }
+}
+
+at::Tensor merge_delta_histogram(const at::Tensor& base, const at::Tensor& model, int64_t level,
+                                 int64_t prefix) {
+  check_pair(base, model);
+  if (level != 0 && level != 1)
+    throw ValueError("fp32 deltas have radix levels 0 and 1, got level=" + std::to_string(level));
+  at::Tensor out = at::zeros({level == 0 ? kBins0 : kBins1}, at::TensorOptions().dtype(at::kLong));
+  if (level == 1 && (prefix < 0 || prefix >= kBins0)) return out;
+  const int64_t n = base.numel();
+  if (n >= (int64_t(1) << 32) - 1) throw ValueError("merge_delta_histogram: tensor too large");
+  const uint32_t p = static_cast<uint32_t>(prefix);
+  int64_t* o = out.data_ptr<int64_t>();
+  const void* b = base.data_ptr();
+  const void* m = model.data_ptr();
+  switch (base.scalar_type()) {
+    case at::kFloat:
+      delta_histogram(static_cast<const float*>(b), static_cast<const float*>(m), n, int(level), p, o);
+      break;
+    case at::kBFloat16:
+      delta_histogram(static_cast<const bf16_t*>(b), static_cast<const bf16_t*>(m), n, int(level), p, o);
+      break;
+    default:
+      delta_histogram(static_cast<const fp16_t*>(b), static_cast<const fp16_t*>(m), n, int(level), p, o);
+      break;
+  }
+  return out;
+}
+
+std::vector<std::tuple<int64_t, int64_t>> merge_delta_topk(const at::Tensor& base, const at::Tensor& model,
+                                                           const std::vector<int64_t>& ks) {
+  check_pair(base, model);
+  const int64_t n = base.numel();
+  for (int64_t k : ks)
+    if (k < 0 || k > n) throw ValueError("k must be in [0, " + std::to_string(n) + "]");
+  std::vector<Thr> t;
+  switch (base.scalar_type()) {
+    case at::kFloat:
+      t = topk_thresholds(static_cast<const float*>(base.data_ptr()),
+                          static_cast<const float*>(model.data_ptr()), n, ks);
+      break;
+    case at::kBFloat16:
+      t = topk_thresholds(static_cast<const bf16_t*>(base.data_ptr()),
+                          static_cast<const bf16_t*>(model.data_ptr()), n, ks);
+      break;
+    default:
+      t = topk_thresholds(static_cast<const fp16_t*>(base.data_ptr()),
+                          static_cast<const fp16_t*>(model.data_ptr()), n, ks);
+      break;
+  }
+  std::vector<std::tuple<int64_t, int64_t>> out;
+  for (const Thr& x : t) out.emplace_back(static_cast<int64_t>(x.key), x.take);
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace deltaops

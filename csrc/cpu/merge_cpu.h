@@ -1,0 +1,48 @@
+// Host interface of the fused merge kernels (deltaops._C): the sign-elect /
+// task-arithmetic family of deltaops.merge_tensors on CPU tensors.
+//
+// python/deltaops/reference/merge.py is the bit-for-bit specification; see
+// merge_cpu.cpp for the passes and the places where exactness is given up
+// (norm rescales).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace deltaops {
+namespace cpu {
+
+// merge_tensors(base, models, method, ...) for method in task_arithmetic,
+// ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, with the
+// per-model options already resolved by the Python layer:
+//   weights, densities, gammas: one value per model;
+//   rescale: "" (none), "l1", "l2", "linf" or "density";
+//   sign_method: "sum" or "count";
+//   thresholds: empty, or 4 ints per model: keep_key, keep_take, drop_key,
+//     drop_take; keep_key < 0 means "no threshold for this model" (select
+//     from its density); take < 0 means every key equal to the threshold;
+//     drop_key < 0 means no drop threshold;
+//   out_dtype: "float32", "bfloat16" or "float16".
+at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor>& models,
+                            const std::string& method, const std::vector<double>& weights,
+                            const std::vector<double>& densities, const std::vector<double>& gammas,
+                            double lambda, bool normalize, const std::string& rescale,
+                            const std::string& sign_method, int64_t seed,
+                            const std::vector<int64_t>& thresholds, const std::string& out_dtype);
+
+// Radix histogram (as radix_histogram of an fp32 tensor) of the magnitude keys
+// of fp32(model) - fp32(base), computed on the fly (no delta is stored).
+at::Tensor merge_delta_histogram(const at::Tensor& base, const at::Tensor& model, int64_t level,
+                                 int64_t prefix);
+
+// (threshold_key, take_equal) of the top-k of fp32(model) - fp32(base) for
+// each k (take_equal = -1: every equal key); ValueError on NaN.
+std::vector<std::tuple<int64_t, int64_t>> merge_delta_topk(const at::Tensor& base,
+                                                           const at::Tensor& model,
+                                                           const std::vector<int64_t>& ks);
+
+}  // namespace cpu
+}  // namespace deltaops
