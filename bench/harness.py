@@ -110,6 +110,17 @@ def measure(fn: Callable[[], object], *, setup: Optional[Callable[[], object]] =
 # machine facts
 
 
+def optional_import(module_name: str):
+    """A peer library's module, or None (with the reason on stderr) when it does not import."""
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001  (a peer's import may fail in many ways)
+        print(f"{module_name} unavailable: {error}", file=sys.stderr)
+        return None
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

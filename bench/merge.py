@@ -28,7 +28,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.harness import Bench, Target, arg_parser, configure  # noqa: E402
+from bench.harness import Bench, Target, arg_parser, configure, optional_import  # noqa: E402
 from bench.sparse import import_deltaops, load_peft_merge_utils  # noqa: E402
 
 FAMILY = "merge"
@@ -36,15 +36,6 @@ FULL_SHAPE = (4096, 11008)
 QUICK_SHAPE = (128, 512)
 N_MODELS = 3
 DENSITY = 0.2
-
-
-def load_mergekit():
-    try:
-        import mergekit.merge_methods as mm
-        return mm
-    except Exception as error:  # noqa: BLE001
-        print(f"mergekit.merge_methods unavailable: {error}", file=sys.stderr)
-        return None
 
 
 def make_data(shape, n, seed=0):
@@ -68,7 +59,7 @@ def main(argv=None) -> int:
     one_pass = (N_MODELS + 2) * n * es
     backends = ["cpu"] + (["reference"] if args.quick else [])
     print(f"shape {tuple(shape)} bf16, {N_MODELS} models, backends {backends}", file=sys.stderr)
-    mm = load_mergekit()
+    mm = optional_import("mergekit.merge_methods")
     peft = load_peft_merge_utils()
     weights = [1.0] * N_MODELS
 

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.harness import Bench, Target, arg_parser, configure  # noqa: E402
+from bench.harness import Bench, Target, arg_parser, configure, optional_import  # noqa: E402
 
 FAMILY = "sparse"
 FULL_SHAPE = (4096, 11008)
@@ -66,15 +66,6 @@ def load_peft_merge_utils():
         print(f"PEFT merge_utils unavailable: {error}", file=sys.stderr)
         return None
     return module
-
-
-def load_mergekit_sparsify():
-    try:
-        import mergekit.sparsify as sparsify
-        return sparsify
-    except Exception as error:  # noqa: BLE001
-        print(f"mergekit.sparsify unavailable: {error}", file=sys.stderr)
-        return None
 
 
 def make_data(shape, device, seed=0):
@@ -133,7 +124,7 @@ def bench_device(bench: Bench, do, device: str, shape, quick: bool) -> None:
 
     peer = bench.case("topk_mask", case, "torch.topk", torch_topk_mask, bytes=topk_bytes,
                       tensor=delta, status="peer", min_repeat=3)
-    sparsify = load_mergekit_sparsify()
+    sparsify = optional_import("mergekit.sparsify")
     if sparsify is not None:
         bench.case("topk_mask", case, "mergekit.magnitude",
                    lambda: sparsify.magnitude(delta, TOPK_DENSITY), bytes=topk_bytes,
