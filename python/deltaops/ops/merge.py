@@ -27,7 +27,6 @@ from torch import Tensor
 from .. import backends
 from ..reference import merge as ref
 from ..reference.merge import METHODS, topk_thresholds
-from ..reference.philox import check_seed
 from ._registry import define
 
 __all__ = ["METHODS", "FUSED_METHODS", "merge_tensors", "topk_thresholds"]
@@ -128,58 +127,29 @@ def merge_tensors(base: Tensor, models, method: str, *, weights=None, density=1.
     :func:`deltaops.reference.merge.merge_tensors` (the specification, options,
     errors). The methods in :data:`FUSED_METHODS` run the fused kernel on CPU
     tensors (backend ``cpu`` or ``auto``)."""
-    kwargs = dict(weights=weights, density=density, lambda_=lambda_, normalize=normalize,
-                  rescale=rescale, sign_method=sign_method, gamma=gamma, epsilon=epsilon,
-                  seed=seed, thresholds=thresholds, out_dtype=out_dtype)
-    if method not in FUSED_METHODS or not isinstance(base, Tensor) or not _use_fused(base):
-        return ref.merge_tensors(base, models, method, **kwargs)
-    # The reference's checks, in its order and with its messages.
-    models = ref._check_tensors(base, models)
-    if out_dtype is None:
-        out_dtype = base.dtype
-    elif out_dtype not in ref.SUPPORTED_DTYPES:
-        raise TypeError(f"out_dtype must be one of {ref._dtype_names(ref.SUPPORTED_DTYPES)}; "
-                        f"got {out_dtype}")
     given = {"weights": weights, "density": density, "lambda_": lambda_, "normalize": normalize,
              "rescale": rescale, "sign_method": sign_method, "gamma": gamma,
              "epsilon": epsilon, "thresholds": thresholds}
-    for name, value in given.items():
-        if name not in ref._OPTIONS[method] and not ref._is_default(name, value):
-            raise ValueError(f"{method} does not use {name} (got {value!r}); it takes "
-                             f"{', '.join(sorted(ref._OPTIONS[method])) or 'no options'}")
+    if method not in FUSED_METHODS or not isinstance(base, Tensor) or not _use_fused(base):
+        return ref.merge_tensors(base, models, method, seed=seed, out_dtype=out_dtype, **given)
+    models, out_dtype = ref.check_call(base, models, method, out_dtype, given)
     n = len(models)
     if base.numel() == 0:
-        ref._per_model("weights", weights, n, 1.0)
+        ref._per_model("weights", weights, n, 1.0)  # still validate
         return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    options = ref.task_arithmetic_options(method, n, seed=seed, **given)
     spec = ref.TASK_ARITHMETIC[method]
-    if rescale is None:
-        rescale = spec.rescale
-    if rescale is True:
-        rescale = "l1"
-    elif rescale is False:
-        rescale = None
-    elif rescale not in ref.RESCALE_MODES:
-        raise ValueError(f"rescale must be None, a bool or one of {', '.join(ref.RESCALE_MODES)}; "
-                         f"got {rescale!r}")
-    if sign_method not in ref.SIGN_METHODS:
-        raise ValueError(f"sign_method must be 'sum' or 'count'; got {sign_method!r}")
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item()) if method in ref.RANDOM_METHODS else 0
-    weights = ref._per_model("weights", weights, n, 1.0)
-    densities = ref._per_model_fractions("density", density, n)
-    gammas = ref._per_model_fractions("gamma", gamma, n)
-    ref._per_model("epsilon", epsilon, n, 0.15)
-    lambda_ = ref._finite("lambda_", lambda_)
-    normalize = spec.normalize if normalize is None else ref._bool("normalize", normalize)
-    seed = check_seed(seed)
-    checked = ref._check_thresholds(thresholds, n, spec.sparsification)
-    flat = encode_thresholds(None if thresholds is None else checked, spec.sparsification)
+    flat = encode_thresholds(None if thresholds is None else options["thresholds"],
+                             spec.sparsification)
+    rescale, densities = options["rescale"], options["densities"]
     if rescale == "density" and spec.sparsification is not None:
         for i, d in enumerate(densities):
-            if d <= 0 and (thresholds is not None and checked[i] is not None):
+            if d <= 0 and (thresholds is not None and options["thresholds"][i] is not None):
                 raise ValueError(f"rescale='density' needs density > 0 (model {i})")
     return merge_sign_elect_op(base.contiguous(), [m.contiguous() for m in models], method,
-                               [float(w) for w in weights], [float(d) for d in densities],
-                               [float(g) for g in gammas], float(lambda_), bool(normalize),
-                               rescale or "", sign_method, int(seed), flat,
+                               [float(w) for w in options["weights"]],
+                               [float(d) for d in densities],
+                               [float(g) for g in options["gammas"]], float(options["lambda_"]),
+                               bool(options["normalize"]), rescale or "",
+                               options["sign_method"], int(options["seed"]), flat,
                                _DTYPE_NAMES[out_dtype])

@@ -185,21 +185,10 @@ def merge_tensors(base: torch.Tensor, models: Sequence[torch.Tensor], method: st
     Raises ``TypeError`` for wrong types and dtypes, ``ValueError`` for wrong
     shapes, devices, values, and options the method does not use.
     """
-    models = _check_tensors(base, models)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if out_dtype is None:
-        out_dtype = base.dtype
-    elif out_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"out_dtype must be one of {_dtype_names(SUPPORTED_DTYPES)}; "
-                        f"got {out_dtype}")
     given = {"weights": weights, "density": density, "lambda_": lambda_, "normalize": normalize,
              "rescale": rescale, "sign_method": sign_method, "gamma": gamma,
              "epsilon": epsilon, "thresholds": thresholds}
-    for name, value in given.items():
-        if name not in _OPTIONS[method] and not _is_default(name, value):
-            raise ValueError(f"{method} does not use {name} (got {value!r}); it takes "
-                             f"{', '.join(sorted(_OPTIONS[method])) or 'no options'}")
+    models, out_dtype = check_call(base, models, method, out_dtype, given)
     n = len(models)
     if base.numel() == 0:
         _per_model("weights", weights, n, 1.0)  # still validate
@@ -226,6 +215,39 @@ def merge_tensors(base: torch.Tensor, models: Sequence[torch.Tensor], method: st
     if method == "sce":
         return sce(base, models, _fraction("density", density), out_dtype)
 
+    options = task_arithmetic_options(method, n, seed=seed, **given)
+    return task_arithmetic_family(base, models, TASK_ARITHMETIC[method], out_dtype=out_dtype,
+                                  **options)
+
+
+def check_call(base, models, method: str, out_dtype, given: dict) -> tuple[list, torch.dtype]:
+    """The checks every method shares: tensors, method, out_dtype, and no unused option.
+
+    Returns the models as a list and the output dtype (default: the input's).
+    """
+    models = _check_tensors(base, models)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if out_dtype is None:
+        out_dtype = base.dtype
+    elif out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"out_dtype must be one of {_dtype_names(SUPPORTED_DTYPES)}; "
+                        f"got {out_dtype}")
+    for name, value in given.items():
+        if name not in _OPTIONS[method] and not _is_default(name, value):
+            raise ValueError(f"{method} does not use {name} (got {value!r}); it takes "
+                             f"{', '.join(sorted(_OPTIONS[method])) or 'no options'}")
+    return models, out_dtype
+
+
+def task_arithmetic_options(method: str, n: int, *, weights, density, lambda_, normalize,
+                            rescale, sign_method, gamma, epsilon, seed, thresholds) -> dict:
+    """Checked, per-model options of a task-arithmetic-family method for ``n`` models.
+
+    Applies the method's defaults (``normalize``, ``rescale``; ``True`` means
+    ``"l1"``), draws a seed for random methods when ``seed`` is None, and
+    returns the keyword arguments of :func:`task_arithmetic_family`.
+    """
     spec = TASK_ARITHMETIC[method]
     if rescale is None:
         rescale = spec.rescale
@@ -240,8 +262,7 @@ def merge_tensors(base: torch.Tensor, models: Sequence[torch.Tensor], method: st
         raise ValueError(f"sign_method must be 'sum' or 'count'; got {sign_method!r}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item()) if method in RANDOM_METHODS else 0
-    return task_arithmetic_family(
-        base, models, spec,
+    return dict(
         weights=_per_model("weights", weights, n, 1.0),
         densities=_per_model_fractions("density", density, n),
         gammas=_per_model_fractions("gamma", gamma, n),
@@ -249,8 +270,7 @@ def merge_tensors(base: torch.Tensor, models: Sequence[torch.Tensor], method: st
         lambda_=_finite("lambda_", lambda_),
         normalize=spec.normalize if normalize is None else _bool("normalize", normalize),
         rescale=rescale, sign_method=sign_method, seed=check_seed(seed),
-        thresholds=_check_thresholds(thresholds, n, spec.sparsification),
-        out_dtype=out_dtype)
+        thresholds=_check_thresholds(thresholds, n, spec.sparsification))
 
 
 # ---- the methods -----------------------------------------------------------------
