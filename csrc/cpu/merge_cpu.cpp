@@ -82,7 +82,95 @@ int64_t num_slots(int64_t nchunks) {
 
 inline uint32_t delta_key(float d) { return f32_bits(d) & 0x7FFFFFFFu; }
 
+// ---- vector helpers (AVX2 is in the x86-64-v3 baseline) ------------------------------
+
+#if defined(__AVX2__)
+// Eight elements widened to fp32, exactly as load_f32 does one.
+inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_f32(const bf16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8_f32(const fp16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// delta_key of eight deltas fp32(m) - fp32(b).
+template <typename T>
+inline __m256i delta_keys8(const T* b, const T* m) {
+  const __m256 d = _mm256_sub_ps(load8_f32(m), load8_f32(b));
+  return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7FFFFFFF));
+}
+#endif
+
 // ---- pass 1: histograms of delta keys ---------------------------------------------
+
+// Level 0: bins of key >> 16 over [begin, end); returns whether a NaN delta was seen.
+// The keys are formed eight at a time into a small buffer, then counted: the
+// increments are the only scalar work left.
+template <typename T>
+bool histogram_level0(const T* b, const T* m, int64_t begin, int64_t end, uint32_t* h) {
+  int64_t j = begin;
+  uint32_t nan_seen = 0;
+#if defined(__AVX2__)
+  alignas(32) uint32_t bins[kBlock];
+  const __m256i inf = _mm256_set1_epi32(0x7F800000);
+  __m256i nan_acc = _mm256_setzero_si256();
+  for (; j + kBlock <= end; j += kBlock) {
+    for (int k = 0; k < kBlock; k += 8) {
+      const __m256i key = delta_keys8(b + j + k, m + j + k);
+      nan_acc = _mm256_or_si256(nan_acc, _mm256_cmpgt_epi32(key, inf));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bins + k), _mm256_srli_epi32(key, 16));
+    }
+    for (int k = 0; k < kBlock; ++k) ++h[bins[k]];
+  }
+  nan_seen = static_cast<uint32_t>(!_mm256_testz_si256(nan_acc, nan_acc));
+#endif
+  for (; j < end; ++j) {
+    const uint32_t key = delta_key(load_f32(m[j]) - load_f32(b[j]));
+    nan_seen |= key > 0x7F800000u;
+    ++h[key >> 16];
+  }
+  return nan_seen != 0;
+}
+
+// Level 1: bins of key & 0xFFFF among the keys with key >> 16 == prefix (a small
+// fraction: the vector compare skips the rest eight at a time).
+template <typename T>
+void histogram_level1(const T* b, const T* m, int64_t begin, int64_t end, uint32_t prefix,
+                      uint32_t* h) {
+  int64_t j = begin;
+#if defined(__AVX2__)
+  const __m256i want = _mm256_set1_epi32(static_cast<int>(prefix));
+  alignas(32) uint32_t keys[8];
+  for (; j + 8 <= end; j += 8) {
+    const __m256i key = delta_keys8(b + j, m + j);
+    const int hit = _mm256_movemask_ps(
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srli_epi32(key, 16), want)));
+    if (hit == 0) continue;
+    _mm256_store_si256(reinterpret_cast<__m256i*>(keys), key);
+    for (int bits = hit; bits; bits &= bits - 1) ++h[keys[__builtin_ctz(bits)] & 0xFFFFu];
+  }
+#endif
+  for (; j < end; ++j) {
+    const uint32_t key = delta_key(load_f32(m[j]) - load_f32(b[j]));
+    if ((key >> 16) == prefix) ++h[key & 0xFFFFu];
+  }
+}
+
+// The number of keys equal to `key` in [begin, end).
+template <typename T>
+int64_t count_equal_keys(const T* b, const T* m, int64_t begin, int64_t end, uint32_t key) {
+  int64_t j = begin, count = 0;
+#if defined(__AVX2__)
+  const __m256i want = _mm256_set1_epi32(static_cast<int>(key));
+  for (; j + 8 <= end; j += 8) {
+    const __m256i eq = _mm256_cmpeq_epi32(delta_keys8(b + j, m + j), want);
+    count += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(eq))));
+  }
+#endif
+  for (; j < end; ++j) count += delta_key(load_f32(m[j]) - load_f32(b[j])) == key;
+  return count;
+}
 
 template <typename T>
 bool delta_histogram(const T* b, const T* m, int64_t n, int level, uint32_t prefix, int64_t* out) {
@@ -97,18 +185,9 @@ bool delta_histogram(const T* b, const T* m, int64_t n, int level, uint32_t pref
     if (h.empty()) h.assign(bins, 0u);
     const int64_t begin = c * kChunk * 16, end = std::min(n, begin + kChunk * 16);
     if (level == 0) {
-      uint32_t nan_seen = 0;
-      for (int64_t j = begin; j < end; ++j) {
-        const uint32_t key = delta_key(load_f32(m[j]) - load_f32(b[j]));
-        nan_seen |= key > 0x7F800000u;
-        ++h[key >> 16];
-      }
-      if (nan_seen) nan[slot] = 1;
+      if (histogram_level0(b, m, begin, end, h.data())) nan[slot] = 1;
     } else {
-      for (int64_t j = begin; j < end; ++j) {
-        const uint32_t key = delta_key(load_f32(m[j]) - load_f32(b[j]));
-        if ((key >> 16) == prefix) ++h[key & 0xFFFFu];
-      }
+      histogram_level1(b, m, begin, end, prefix, h.data());
     }
   });
   // uint32 counts: n < 2^32 per call is checked by the caller.
@@ -427,11 +506,8 @@ void count_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
   for_chunks(nc, unused, [&](int64_t, int64_t c) {
     const int64_t begin = c * kChunk, end = std::min(plan.n, begin + kChunk);
     for (const Item& it : items) {
-      const T* m = ms[it.model];
-      int64_t count = 0;
-      for (int64_t j = begin; j < end; ++j)
-        count += delta_key(load_f32(m[j]) - load_f32(b[j])) == it.key;
-      plan.before[static_cast<size_t>(it.index) * (nc + 1) + c + 1] = count;
+      plan.before[static_cast<size_t>(it.index) * (nc + 1) + c + 1] =
+          count_equal_keys(b, ms[it.model], begin, end, it.key);
     }
   });
   for (int q = 0; q < plan.ncounted; ++q) {
@@ -540,11 +616,48 @@ inline float nonzero_or_one(float d) {
   return f32_from_bits((u & ~zero) | (0x3F800000u & zero));
 }
 
+// The task-arithmetic mix of a block when every model is dense and no sign is
+// elected: res = bf + lambda * ((sum_i (m_i - bf) * w_i) / divisor), the
+// reference's operations in its order, kept in registers eight elements at a time
+// (the buffered per-model loops of merge_pass cost more than the memory traffic).
+template <typename T>
+void dense_mix_block(const MergeOpts& o, const float* __restrict w, const T* const* ms, int N,
+                     const T* __restrict b, int64_t j0, int len, float* __restrict res) {
+  int k = 0;
+#if defined(__AVX2__)
+  const __m256 divisor = _mm256_set1_ps(o.divisor), lambda = _mm256_set1_ps(o.lambda);
+  for (; k + 8 <= len; k += 8) {
+    const __m256 bf = load8_f32(b + j0 + k);
+    __m256 mixed = _mm256_mul_ps(_mm256_sub_ps(load8_f32(ms[0] + j0 + k), bf), _mm256_set1_ps(w[0]));
+    for (int i = 1; i < N; ++i)
+      mixed = _mm256_add_ps(
+          mixed, _mm256_mul_ps(_mm256_sub_ps(load8_f32(ms[i] + j0 + k), bf), _mm256_set1_ps(w[i])));
+    if (o.normalize) mixed = _mm256_div_ps(mixed, divisor);
+    if (o.apply_lambda) mixed = _mm256_mul_ps(mixed, lambda);
+    _mm256_storeu_ps(res + k, _mm256_add_ps(bf, mixed));
+  }
+#endif
+  for (; k < len; ++k) {
+    const float bf = load_f32(b[j0 + k]);
+    float mixed = (load_f32(ms[0][j0 + k]) - bf) * w[0];
+    for (int i = 1; i < N; ++i) mixed = mixed + (load_f32(ms[i][j0 + k]) - bf) * w[i];
+    if (o.normalize) mixed = mixed / o.divisor;
+    if (o.apply_lambda) mixed = mixed * o.lambda;
+    res[k] = bf + mixed;
+  }
+}
+
 template <typename T, typename O>
 void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vector<const T*>& ms,
                 O* out) {
   const int64_t nc = plan.nchunks;
   const int N = plan.nmodels;
+  std::vector<float> weights(N);
+  bool all_dense = true;
+  for (int i = 0; i < N; ++i) {
+    weights[i] = plan.cfg[i].w;
+    all_dense = all_dense && plan.cfg[i].mode == kDense;
+  }
   std::vector<Scratch> scratch(num_slots(nc));
   int64_t unused;
   for_chunks(nc, unused, [&](int64_t slot, int64_t c) {
@@ -554,6 +667,13 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
     const int64_t begin = c * kChunk, end = std::min(plan.n, begin + kChunk);
     for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
       const int len = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
+      if (all_dense && !o.consensus) {
+        float* __restrict res = sc.masked.data();
+        dense_mix_block(o, weights.data(), ms.data(), N, b, j0, len, res);
+        O* __restrict o_ = out + j0;
+        for (int k = 0; k < len; ++k) o_[k] = store_from_f32<O>(res[k]);
+        continue;
+      }
       float* __restrict bf = sc.bf.data();
       load_base(b, j0, len, bf);
       for (int i = 0; i < N; ++i) {
