@@ -62,6 +62,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seed"), py::arg("thresholds"), py::arg("out_dtype"), release(),
         "fused merge_tensors for task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, "
         "breadcrumbs_ties (options resolved per model; see csrc/cpu/merge_cpu.h)");
+  m.def("merge_linear", &dc::merge_linear, py::arg("models"), py::arg("weights"),
+        py::arg("normalize"), py::arg("out_dtype"), release(),
+        "merge_tensors' linear method: fma-accumulated weighted sum of the models, "
+        "optionally divided by the fp32 sum of the weights");
   m.def("merge_delta_histogram", &dc::merge_delta_histogram, py::arg("base"), py::arg("model"),
         py::arg("level"), py::arg("prefix"), release(),
         "radix histogram of the magnitude keys of fp32(model) - fp32(base), no delta stored");

@@ -761,6 +761,45 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
   });
 }
 
+// ---- linear: a weighted average of the models (no base) ----------------------------
+
+// acc = fma(fp32(m_i), w_i, acc) from acc = +0 in model order (mergekit's addcmul_,
+// one rounding per model), then acc / divisor when normalizing; one rounding to O.
+template <typename T, typename O>
+void linear_pass(const std::vector<const T*>& ms, const std::vector<float>& w, bool normalize,
+                 float divisor, int64_t n, O* out) {
+  const int N = static_cast<int>(ms.size());
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<std::vector<float>> scratch(num_slots(nchunks));
+  int64_t unused;
+  for_chunks(nchunks, unused, [&](int64_t slot, int64_t c) {
+    std::vector<float>& res = scratch[slot];
+    if (res.empty()) res.resize(kBlock);
+    const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+    for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+      const int len = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
+      float* __restrict r = res.data();
+      int k = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; k + 8 <= len; k += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < N; ++i)
+          acc = _mm256_fmadd_ps(load8_f32(ms[i] + j0 + k), _mm256_set1_ps(w[i]), acc);
+        if (normalize) acc = _mm256_div_ps(acc, _mm256_set1_ps(divisor));
+        _mm256_storeu_ps(r + k, acc);
+      }
+#endif
+      for (; k < len; ++k) {
+        float acc = 0.0f;
+        for (int i = 0; i < N; ++i) acc = std::fma(load_f32(ms[i][j0 + k]), w[i], acc);
+        r[k] = normalize ? acc / divisor : acc;
+      }
+      O* __restrict o_ = out + j0;
+      for (int q = 0; q < len; ++q) o_[q] = store_from_f32<O>(r[q]);
+    }
+  });
+}
+
 // ---- argument handling ------------------------------------------------------------
 
 // As sparse_cpu.cpp's new_output: large outputs advised as transparent huge
@@ -963,6 +1002,44 @@ at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor
       return run<fp16_t>(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
                          sign_method, seed, thresholds, odt);
   }
+}
+
+at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                        bool normalize, const std::string& out_dtype) {
+  const size_t n = models.size();
+  if (n == 0) throw ValueError("models must hold at least one tensor");
+  if (weights.size() != n) throw ValueError("merge_linear: one weight per model");
+  const at::Tensor& first = models[0];
+  check_cpu(first, "models[0]");
+  for (const at::Tensor& m : models) {
+    check_pair(first, m);
+    if (!m.sizes().equals(first.sizes())) throw ValueError("models must share one shape");
+  }
+  const at::ScalarType odt = out_type(out_dtype);
+  std::vector<float> w(weights.begin(), weights.end());
+  // The divisor exactly as the reference takes it: torch's fp32 sum of the weights
+  // (its summation order is torch's, not necessarily left to right).
+  const float divisor = at::tensor(w).sum().item<float>();
+  at::Tensor out = at::empty(first.sizes(), first.options().dtype(odt));
+  const int64_t numel = first.numel();
+  if (numel == 0) return out;
+  advise_huge_pages(out);
+  auto dispatch = [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<const T*> ms;
+    for (const at::Tensor& m : models) ms.push_back(static_cast<const T*>(m.data_ptr()));
+    switch (odt) {
+      case at::kFloat: linear_pass(ms, w, normalize, divisor, numel, static_cast<float*>(out.data_ptr())); break;
+      case at::kBFloat16: linear_pass(ms, w, normalize, divisor, numel, static_cast<bf16_t*>(out.data_ptr())); break;
+      default: linear_pass(ms, w, normalize, divisor, numel, static_cast<fp16_t*>(out.data_ptr())); break;
+    }
+  };
+  switch (first.scalar_type()) {
+    case at::kFloat: dispatch(float{}); break;
+    case at::kBFloat16: dispatch(bf16_t{}); break;
+    default: dispatch(fp16_t{}); break;
+  }
+  return out;
 }
 
 at::Tensor merge_delta_histogram(const at::Tensor& base, const at::Tensor& model, int64_t level,
