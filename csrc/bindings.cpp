@@ -38,6 +38,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stream"), release(), "fp32 Philox4x32-10 uniforms in [0, 1), shaped like x");
   m.def("dare", &dc::dare, py::arg("delta"), py::arg("density"), py::arg("seed"), py::arg("stream"),
         py::arg("rescale"), release(), "DARE drop (and rescale) of delta, same dtype");
+  m.def("dare_out_", &dc::dare_out_, py::arg("delta"), py::arg("density"), py::arg("seed"),
+        py::arg("stream"), py::arg("rescale"), py::arg("out"), release(),
+        "dare written into out (delta's dtype and shape; out may be delta)");
   m.def("apply_dense_", &dc::apply_dense_, py::arg("weight"), py::arg("delta"), py::arg("alpha"),
         release(), "in place weight += alpha * delta (fp32 math, no FMA, one rounding)");
   m.def("apply_coo_", &dc::apply_coo_, py::arg("weight"), py::arg("indices"), py::arg("values"),

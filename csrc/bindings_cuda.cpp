@@ -67,6 +67,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "DARE drop-and-rescale", py::arg("delta"), py::arg("density"), py::arg("seed"),
       py::arg("stream") = 0, py::arg("rescale") = true, release());
   m.def(
+      "dare_out_",
+      [](const at::Tensor& delta, double density, int64_t seed, int64_t stream, bool rescale,
+         at::Tensor& out) {
+        value_errors([&] {
+          dc::dare_out_(delta, density, seed, stream, rescale, out);
+          return 0;
+        });
+      },
+      "dare written into out", py::arg("delta"), py::arg("density"), py::arg("seed"),
+      py::arg("stream"), py::arg("rescale"), py::arg("out"), release());
+  m.def(
       "apply_dense_",
       [](at::Tensor weight, const at::Tensor& delta, double alpha) {
         value_errors([&] { dc::apply_dense_(weight, delta, alpha); });

@@ -45,7 +45,6 @@
 #include <string>
 
 #include "deltaops/bits.h"
-#include "deltaops/philox.h"
 #include "sparse_cpu.h"
 
 namespace deltaops {
@@ -316,79 +315,11 @@ inline void select_block(SelState& s, const uint32_t* __restrict keys, int len, 
   }
 }
 
-// ---- Philox words of a block of elements ------------------------------------------
-// words[4 b + e] = output e of Philox block q0 + b, b in [0, nblocks). With AVX2
-// (the baseline ISA), eight blocks per vector: deltaops/philox.h's algorithm step
-// for step (32x32 -> 64 products split into mulhi/mullo); the tests compare the
-// keep decisions with the reference's. The low counter word never wraps inside
-// a call (tensors have fewer than 2^31 elements, so q0 + nblocks < 2^30).
-#if defined(__AVX2__)
-inline __m256i mulhi_epu32(__m256i a, __m256i m) {
-  const __m256i even = _mm256_mul_epu32(a, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-#endif
-
-void philox_words(uint32_t* __restrict words, uint64_t q0, int nblocks, uint32_t stream, uint64_t seed) {
-  int b = 0;
-#if defined(__AVX2__)
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (; b + 16 <= nblocks; b += 16) {
-    const uint64_t q = q0 + static_cast<uint64_t>(b);
-    __m256i a0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))), lanes);
-    __m256i b0 = _mm256_add_epi32(a0, _mm256_set1_epi32(8));
-    __m256i a1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32))), b1 = a1;
-    __m256i a2 = _mm256_set1_epi32(static_cast<int>(stream)), b2 = a2;
-    __m256i a3 = _mm256_setzero_si256(), b3 = a3;
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int r = 0; r < 10; ++r) {
-      const __m256i vk0 = _mm256_set1_epi32(static_cast<int>(k0));
-      const __m256i vk1 = _mm256_set1_epi32(static_cast<int>(k1));
-      const __m256i ahi0 = mulhi_epu32(a0, m0), alo0 = _mm256_mullo_epi32(a0, m0);
-      const __m256i ahi1 = mulhi_epu32(a2, m1), alo1 = _mm256_mullo_epi32(a2, m1);
-      const __m256i bhi0 = mulhi_epu32(b0, m0), blo0 = _mm256_mullo_epi32(b0, m0);
-      const __m256i bhi1 = mulhi_epu32(b2, m1), blo1 = _mm256_mullo_epi32(b2, m1);
-      a0 = _mm256_xor_si256(_mm256_xor_si256(ahi1, a1), vk0);
-      a2 = _mm256_xor_si256(_mm256_xor_si256(ahi0, a3), vk1);
-      a1 = alo1;
-      a3 = alo0;
-      b0 = _mm256_xor_si256(_mm256_xor_si256(bhi1, b1), vk0);
-      b2 = _mm256_xor_si256(_mm256_xor_si256(bhi0, b3), vk1);
-      b1 = blo1;
-      b3 = blo0;
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    alignas(32) uint32_t t[8][8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[0]), a0);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[1]), a1);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[2]), a2);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[3]), a3);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[4]), b0);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[5]), b1);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[6]), b2);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[7]), b3);
-    uint32_t* w = words + 4 * b;
-    for (int l = 0; l < 8; ++l)
-      for (int e = 0; e < 4; ++e) {
-        w[4 * l + e] = t[e][l];
-        w[32 + 4 * l + e] = t[4 + e][l];
-      }
-  }
-#endif
-  for (; b < nblocks; ++b) {
-    const Philox4 r = philox_block(seed, stream, q0 + static_cast<uint64_t>(b));
-    for (int e = 0; e < 4; ++e) words[4 * b + e] = r.v[e];
-  }
-}
-
 // Per-thread scratch of one block.
 struct Scratch {
   std::vector<float> bf, d, masked, div, x;  // x: N * kBlock
-  std::vector<uint32_t> keys, words;
+  std::vector<uint32_t> keys;
+  std::vector<float> uniforms;
   std::vector<uint8_t> keep, drop;
   std::vector<SelState> states;  // 2 per model
   void init(int nmodels) {
@@ -399,7 +330,7 @@ struct Scratch {
     div.resize(kBlock);
     x.resize(static_cast<size_t>(nmodels) * kBlock);
     keys.resize(kBlock);
-    words.resize(kBlock);
+    uniforms.resize(kBlock);
     keep.resize(kBlock);
     drop.resize(kBlock);
     states.resize(2 * static_cast<size_t>(nmodels));
@@ -451,9 +382,11 @@ void sparsify_block(const Plan& plan, int i, const T* __restrict m, int64_t j0, 
       const float p = cfg.p;
       const uint32_t stream = static_cast<uint32_t>(i);
       // j0 is a multiple of 4 (chunks and blocks are).
-      uint32_t* __restrict words = sc.words.data();
-      philox_words(words, static_cast<uint64_t>(j0) >> 2, (len + 3) / 4, stream, plan.seed);
-      for (int k = 0; k < len; ++k) keep[k] = keep_from_word(words[k], p);
+      // The uniforms of deltaops.dare (same keying), from the sparse family's
+      // kernel table: AVX-512 where the CPU has it.
+      float* __restrict u = sc.uniforms.data();
+      philox_uniform_block(u, j0, j0 + len, plan.seed, stream);
+      for (int k = 0; k < len; ++k) keep[k] = u[k] < p;
       break;
     }
   }
@@ -802,28 +735,6 @@ void linear_pass(const std::vector<const T*>& ms, const std::vector<float>& w, b
 
 // ---- argument handling ------------------------------------------------------------
 
-// As sparse_cpu.cpp's new_output: large outputs advised as transparent huge
-// pages before the first touch (4 KiB first-touch faults otherwise cost about
-// as much as the merge of task_arithmetic). DELTAOPS_CPU_THP=0 turns it off.
-void advise_huge_pages(at::Tensor& out) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool enabled = [] {
-    const char* env = std::getenv("DELTAOPS_CPU_THP");
-    return !(env && std::string(env) == "0");
-  }();
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const size_t bytes = out.nbytes();
-  if (bytes >= (size_t(8) << 20) && enabled) {
-    const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (start + bytes) & ~(kHuge - 1);
-    if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#else
-  (void)out;
-#endif
-}
-
 int dtype_code_of(at::ScalarType s) {
   switch (s) {
     case at::kFloat: return 0;
@@ -948,8 +859,7 @@ at::Tensor run(const at::Tensor& base, const std::vector<at::Tensor>& models, co
   for (int i = 0; i < plan.nmodels; ++i) div = i == 0 ? plan.cfg[i].w : div + plan.cfg[i].w;
   o.divisor = std::fabs(div) < 1e-8f ? 1.0f : div;
 
-  at::Tensor out = at::empty(base.sizes(), base.options().dtype(odt));
-  advise_huge_pages(out);
+  at::Tensor out = new_output(base.sizes(), base.options().dtype(odt));
   switch (odt) {
     case at::kFloat: merge_pass(plan, o, b, ms, static_cast<float*>(out.data_ptr())); break;
     case at::kBFloat16: merge_pass(plan, o, b, ms, static_cast<bf16_t*>(out.data_ptr())); break;
@@ -1020,10 +930,9 @@ at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector
   // The divisor exactly as the reference takes it: torch's fp32 sum of the weights
   // (its summation order is torch's, not necessarily left to right).
   const float divisor = at::tensor(w).sum().item<float>();
-  at::Tensor out = at::empty(first.sizes(), first.options().dtype(odt));
+  at::Tensor out = new_output(first.sizes(), first.options().dtype(odt));
   const int64_t numel = first.numel();
   if (numel == 0) return out;
-  advise_huge_pages(out);
   auto dispatch = [&](auto tag) {
     using T = decltype(tag);
     std::vector<const T*> ms;
