@@ -235,8 +235,14 @@ def _merge_kernel(b_ptr, model_ptrs, out_ptr, n, nmodels, icfg_ptr, fcfg_ptr, of
     neg_sum = zero
     pos_div = zero  # ... and of their weights
     neg_div = zero
+    # Model i + 1's tile is loaded before model i's arithmetic (software pipelining: two
+    # tiles in flight per program, so fewer programs per SM suffice to cover DRAM latency).
+    m_next = tl.load(_model_ptr(model_ptrs, 0, KIND) + offs, mask=valid, other=0)
     for i in range(nmodels):
-        m_bits = tl.load(_model_ptr(model_ptrs, i, KIND) + offs, mask=valid, other=0)
+        m_bits = m_next
+        following = tl.minimum(i + 1, nmodels - 1)
+        m_next = tl.load(_model_ptr(model_ptrs, following, KIND) + offs,
+                         mask=valid & (offs * 0 + i + 1 < nmodels), other=0)
         d, key = _delta(b_bits, m_bits, KIND)
         mode = tl.load(icfg_ptr + i * 10)
         w = tl.load(fcfg_ptr + i * 3)
@@ -526,3 +532,58 @@ def merge_sign_elect(base: torch.Tensor, models, method: str, weights, densities
                         APPLY_LAMBDA=float(lambda_) != 1.0, DENSITY_RESCALE=density_rescale,
                         BLOCK=block, **_LAUNCH)
     return out
+
+
+# ---- ahead-of-time compilation (CI without a GPU) -------------------------------------------------
+
+
+def compile_for_gpu(arch: int, block: int = DEFAULT_BLOCK) -> dict:
+    """Compile every kernel of this module to a cubin for ``sm_<arch>`` without a GPU.
+
+    Proves that the kernels lower through Triton's NVIDIA backend (the
+    interpreter does not: pointer casts, runtime branches around ``tl.cumsum``,
+    fp64 reductions); used by tests/test_merge_triton.py. Returns
+    ``{name: compiled kernel}`` (``.asm["cubin"]``, ``.metadata``).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    pair = {"b_ptr": "*i16", "m_ptr": "*i16"}
+    seeds = {"seed_lo": "u32", "seed_hi": "u32"}
+    jobs = {
+        "histogram_level0": (_delta_histogram_kernel,
+                             {**pair, "hist_ptr": "*i64", "n": "i32", "prefix": "i32"},
+                             {"KIND": 1, "LEVEL": 0}),
+        "histogram_level1_fp32": (_delta_histogram_kernel,
+                                  {"b_ptr": "*i32", "m_ptr": "*i32", "hist_ptr": "*i64",
+                                   "n": "i64", "prefix": "i32"}, {"KIND": 0, "LEVEL": 1}),
+        "equal_count": (_delta_equal_count_kernel,
+                        {**pair, "count_ptr": "*i64", "n": "i32", "threshold": "i32"},
+                        {"KIND": 2}),
+        "norm_l1": (_norm_kernel,
+                    {**pair, "part_ptr": "*fp64", "n": "i32", "i": "i32", "icfg_ptr": "*i64",
+                     "fcfg_ptr": "*fp32", "offsets_ptr": "*i64", "nblocks": "i32", **seeds},
+                    {"KIND": 1, "NORM": 1, "DENSITY_RESCALE": False}),
+    }
+    merge_args = {"b_ptr": "*i16", "model_ptrs": "*i64", "out_ptr": "*i16", "n": "i32",
+                  "nmodels": "i32", "icfg_ptr": "*i64", "fcfg_ptr": "*fp32",
+                  "offsets_ptr": "*i64", "nblocks": "i32", **seeds, "divisor": "fp32",
+                  "lambda_": "fp32"}
+    flags = {"SIGN_COUNT": False, "NORMALIZE": True, "APPLY_LAMBDA": True,
+             "DENSITY_RESCALE": True}
+    jobs["merge_ties_bf16"] = (_merge_kernel, merge_args,
+                               {"KIND": 1, "OUT_KIND": 1, "CONSENSUS": True, **flags})
+    jobs["merge_count_fp16_to_fp32"] = (_merge_kernel, {**merge_args, "out_ptr": "*i32"},
+                                        {"KIND": 2, "OUT_KIND": 0, "CONSENSUS": True,
+                                         **flags, "SIGN_COUNT": True})
+    jobs["merge_linear_fp32"] = (_merge_kernel,
+                                 {**merge_args, "b_ptr": "*i32", "out_ptr": "*i32"},
+                                 {"KIND": 0, "OUT_KIND": 0, "CONSENSUS": False, **flags})
+    compiled = {}
+    for name, (fn, signature, constexprs) in jobs.items():
+        constexprs = {**constexprs, "BLOCK": block}
+        signature = {**signature, **{k: "constexpr" for k in constexprs}}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled[name] = triton.compile(source, target=target, options=dict(_LAUNCH))
+    return compiled
