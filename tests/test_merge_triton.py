@@ -117,6 +117,16 @@ def test_triton_backend_runs_the_op():
         assert backends.resolve("merge_sign_elect", "cpu") is merge.merge_sign_elect
 
 
+def test_methods_without_a_triton_kernel_run_the_reference():
+    """linear has a CPU kernel only (merge_linear): the triton backend runs its reference."""
+    base, models = inputs((6, 7), 3, torch.bfloat16)
+    for method, opts in (("linear", {"weights": [1.0, 0.5, 0.25]}),
+                         ("della", {"density": 0.5, "seed": SEED})):
+        expected = ref.merge_tensors(base, models, method, **opts)
+        assert_bitwise_equal(run_on("triton", deltaops.merge_tensors, base, models, method, **opts),
+                             expected, method)
+
+
 def test_cuda_backend_on_cpu_tensors_raises():
     base, models = inputs((4, 5), 2, torch.float32)
     with pytest.raises(backends.BackendUnavailableError, match="cuda"):
