@@ -127,7 +127,8 @@ spec = importlib.util.spec_from_file_location("deltaops._C_cuda", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 expected = ["radix_histogram", "threshold_mask", "topk_mask", "philox_uniform_like", "dare",
-            "apply_dense_", "apply_coo_", "apply_bitmask_"]
+            "apply_dense_", "apply_coo_", "apply_bitmask_",
+            "merge_sign_elect", "merge_delta_histogram", "merge_delta_topk"]
 missing = [name for name in expected if not callable(getattr(module, name, None))]
 if missing:
     raise SystemExit(f"cuda_build: FAILED: deltaops._C_cuda lacks {missing}")
@@ -138,6 +139,13 @@ except RuntimeError as error:
     assert "CUDA tensor" in str(error), error
 else:
     raise SystemExit("cuda_build: FAILED: radix_histogram accepted a CPU tensor")
+try:
+    module.merge_sign_elect(torch.zeros(4), [torch.zeros(4)], "ties", [1.0], [0.5], [0.01], 1.0,
+                            True, "", "sum", 0, [], "float32")
+except RuntimeError as error:
+    assert "CUDA tensor" in str(error), error
+else:
+    raise SystemExit("cuda_build: FAILED: merge_sign_elect accepted a CPU tensor")
 print("import ok:", ", ".join(expected))
 EOF
 

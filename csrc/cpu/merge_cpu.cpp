@@ -45,6 +45,7 @@
 #include <string>
 
 #include "deltaops/bits.h"
+#include "deltaops/merge.h"  // delta_key, sign_of, agrees, nonzero_or_one, masked_delta, ...
 #include "sparse_cpu.h"
 
 namespace deltaops {
@@ -78,8 +79,6 @@ int64_t num_slots(int64_t nchunks) {
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   return std::max<int64_t>(1, std::min<int64_t>(threads, nchunks));
 }
-
-inline uint32_t delta_key(float d) { return f32_bits(d) & 0x7FFFFFFFu; }
 
 // ---- vector helpers (AVX2 is in the x86-64-v3 baseline) ------------------------------
 
@@ -395,7 +394,7 @@ void sparsify_block(const Plan& plan, int i, const T* __restrict m, int64_t j0, 
     const float p = cfg.p;
     for (int k = 0; k < len; ++k) out[k] = keep[k] ? d[k] / p : 0.0f;
   } else {
-    for (int k = 0; k < len; ++k) out[k] = d[k] * static_cast<float>(keep[k]);
+    for (int k = 0; k < len; ++k) out[k] = masked_delta(d[k], keep[k]);
   }
 }
 
@@ -529,25 +528,7 @@ struct MergeOpts {
   float lambda;
 };
 
-// sign(x) as torch computes it for non-NaN x (+1, -1, 0); written as a difference of
-// compares so that it vectorizes.
-inline float sign_of(float x) { return static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f); }
-// 1.0f where sign(x) == elected (elected = +-1), else 0.0f: x nonzero with the sign
-// bit of elected (zeros never agree).
-// Integer ops only (the compiler does not if-convert float compares here).
-inline float agrees(float x, float elected) {
-  const uint32_t ux = f32_bits(x), ue = f32_bits(elected);
-  const uint32_t nonzero = static_cast<uint32_t>((ux & 0x7FFFFFFFu) != 0u);
-  const uint32_t same = static_cast<uint32_t>(((ux ^ ue) >> 31) == 0u);
-  return f32_from_bits((0u - (nonzero & same)) & 0x3F800000u);
-}
-
-// d, or 1.0f where d == +-0 (integer select: vectorizes).
-inline float nonzero_or_one(float d) {
-  const uint32_t u = f32_bits(d);
-  const uint32_t zero = 0u - static_cast<uint32_t>((u & 0x7FFFFFFFu) == 0u);
-  return f32_from_bits((u & ~zero) | (0x3F800000u & zero));
-}
+// sign_of, agrees, nonzero_or_one: deltaops/merge.h (shared with the CUDA kernel).
 
 // The task-arithmetic mix of a block when every model is dense and no sign is
 // elected: res = bf + lambda * ((sum_i (m_i - bf) * w_i) / divisor), the

@@ -6,16 +6,20 @@ methods (:data:`FUSED_METHODS`) go through the custom op
 ``torch.ops.deltaops.merge_sign_elect``, whose CPU kernel
 (``deltaops._C.merge_sign_elect``) makes one fused pass over the elements
 after its selection pre-passes (histogram thresholds, equal-key counts, and the
-norms of a rescale), with no per-model temporaries of the tensor's size. ``linear``
-goes through ``torch.ops.deltaops.merge_linear`` (one fused pass). The
-other methods (della*, slerp, model_stock, sce), CUDA tensors and the
-``reference``/``triton``/``cuda`` backends run the reference.
+norms of a rescale), with no per-model temporaries of the tensor's size; the
+``triton`` backend (``deltaops.triton_kernels.merge``, CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1``) and the ``cuda`` backend
+(``deltaops._C_cuda.merge_sign_elect``) run the same plan on the GPU.
+``linear`` goes through ``torch.ops.deltaops.merge_linear`` (one fused pass;
+CPU kernel only so far: the triton and cuda backends run its reference). The
+other methods (della*, slerp, model_stock, sce) and the ``reference`` backend
+run the reference.
 
-Exactness: the kernel is bit-exact against the reference except for
-``rescale`` ``"l1"``/``"l2"`` (the default of dare_*): the reference takes the
-norms from torch's fp32 reductions, whose order is not pinned; the kernel sums
-in double per fixed chunk, so its scale factors (and results) agree within a
-few ulps.
+Exactness: the kernels are bit-exact against the reference (and each other)
+except for ``rescale`` ``"l1"``/``"l2"`` (the default of dare_*): the reference
+takes the norms from torch's fp32 reductions, whose order is not pinned; the
+CPU kernel sums in double per fixed chunk, the GPU kernels in double per tile,
+so their scale factors (and results) agree within a few ulps.
 """
 
 from __future__ import annotations
@@ -126,8 +130,24 @@ merge_linear_op = define("merge_linear", _merge_linear, _merge_linear_fake)
 backends.get("reference").table.setdefault("merge_linear", _merge_linear)
 
 
-def _use_fused(base: Tensor) -> bool:
-    return base.device.type == "cpu" and backends.selected() in ("auto", "cpu")
+def _use_fused(op: str) -> bool:
+    """Whether ``merge_tensors`` calls the custom op ``op`` (else the reference directly).
+
+    Every backend but the reference calls it; the op then resolves the backend
+    (:func:`deltaops.backends.resolve`): ``auto`` picks ``cpu`` on CPU tensors,
+    ``cuda``, then ``triton``, then the reference on CUDA tensors; an explicit
+    backend that cannot run here raises ``BackendUnavailableError`` (triton on
+    CPU tensors needs ``TRITON_INTERPRET=1``). An explicit, usable backend
+    without a kernel for ``op`` (merge_linear on triton or cuda) runs the
+    reference, as before that kernel existed.
+    """
+    choice = backends.selected()
+    if choice == "reference":
+        return False
+    if choice == "auto":
+        return True
+    backend = backends.get(choice)
+    return not backend.usable or op in backend.table
 
 
 # ---- public API -----------------------------------------------------------------------
@@ -140,13 +160,14 @@ def merge_tensors(base: Tensor, models, method: str, *, weights=None, density=1.
                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Merge ``models`` (fine-tunes of ``base``) into one tensor: see
     :func:`deltaops.reference.merge.merge_tensors` (the specification, options,
-    errors). The methods in :data:`FUSED_METHODS` run the fused kernel on CPU
-    tensors (backend ``cpu`` or ``auto``)."""
+    errors). The methods in :data:`FUSED_METHODS` run the fused kernel of the
+    selected backend (``cpu``, ``triton`` or ``cuda``; ``auto`` picks by device)."""
     given = {"weights": weights, "density": density, "lambda_": lambda_, "normalize": normalize,
              "rescale": rescale, "sign_method": sign_method, "gamma": gamma,
              "epsilon": epsilon, "thresholds": thresholds}
     fused = method in FUSED_METHODS or method == "linear"
-    if not fused or not isinstance(base, Tensor) or not _use_fused(base):
+    op = "merge_linear" if method == "linear" else "merge_sign_elect"
+    if not fused or not isinstance(base, Tensor) or not _use_fused(op):
         return ref.merge_tensors(base, models, method, seed=seed, out_dtype=out_dtype, **given)
     models, out_dtype = ref.check_call(base, models, method, out_dtype, given)
     n = len(models)
