@@ -10,13 +10,16 @@
 //     (at::parallel_for);
 //   * inside a chunk, columns go in blocks of kPanelFloats / r so that the
 //     [r, block] panel of R stays in L2 while every row of the chunk reads it;
+//   * R is repacked in strips of 16 columns ([N / 16][r][16], zero padded) so
+//     that a micro-tile reads its part of R sequentially;
 //   * a micro-tile of 6 rows x 16 columns is accumulated in 12 AVX2 registers
 //     (k = 0 .. r-1, one fused multiply-add each), then added to the weight
 //     and rounded once (deltaops/lowrank.h): each weight element is read and
 //     written exactly once, and the fp32 product never leaves the registers.
 //   * Every element's accumulation is the same sequential FMA chain over k
-//     (vector lanes and the scalar edges use std::fma, which rounds the same
-//     way), so results do not depend on the tiling or on the thread count.
+//     (the vector lanes, and the std::fma loop of a build without AVX2, round
+//     every step the same way), so results do not depend on the tiling or on
+//     the thread count.
 //
 // Shrink and expand are per-token dot products (16 independent lanes of FMA
 // chains, then a fixed-order tree over the lanes): deterministic too.
@@ -162,33 +165,43 @@ inline void epilogue16<fp16_t>(fp16_t* w, __m256 a0, __m256 a1, __m256 s) {
   for (int j = 0; j < 16; ++j) w[j] = lora_add_round(w[j], scale, acc[j]);
 }
 
-// Rows [m, m + MR) x columns [n, n + 16).
+// Rows [m, m + MR) x columns [n, n + valid) (valid <= 16); `strip` is the
+// packed [r][16] block of R for these columns (zero beyond N).
 template <typename T, int MR>
-inline void micro_tile(T* w, int64_t N, const float* L, const float* R, int64_t r, __m256 s,
-                       int64_t m, int64_t n) {
+inline void micro_tile(T* w, int64_t N, const float* L, const float* strip, int64_t r, __m256 s,
+                       int64_t m, int64_t n, int64_t valid) {
   __m256 c0[MR], c1[MR];
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
   const float* l = L + m * r;
-  const float* rp = R + n;
   for (int64_t k = 0; k < r; ++k) {
-    const __m256 r0 = _mm256_loadu_ps(rp + k * N);
-    const __m256 r1 = _mm256_loadu_ps(rp + k * N + 8);
+    const __m256 r0 = _mm256_loadu_ps(strip + k * kNR);
+    const __m256 r1 = _mm256_loadu_ps(strip + k * kNR + 8);
     for (int i = 0; i < MR; ++i) {
       const __m256 b = _mm256_broadcast_ss(l + i * r + k);
       c0[i] = _mm256_fmadd_ps(b, r0, c0[i]);
       c1[i] = _mm256_fmadd_ps(b, r1, c1[i]);
     }
   }
-  for (int i = 0; i < MR; ++i) epilogue16<T>(w + (m + i) * N + n, c0[i], c1[i], s);
+  if (valid == kNR) {
+    for (int i = 0; i < MR; ++i) epilogue16<T>(w + (m + i) * N + n, c0[i], c1[i], s);
+    return;
+  }
+  const float scale = _mm256_cvtss_f32(s);
+  alignas(32) float acc[kNR];
+  for (int i = 0; i < MR; ++i) {
+    _mm256_store_ps(acc, c0[i]);
+    _mm256_store_ps(acc + 8, c1[i]);
+    T* row = w + (m + i) * N + n;
+    for (int64_t j = 0; j < valid; ++j) row[j] = lora_add_round(row[j], scale, acc[j]);
+  }
 }
 
 template <typename T, int MR>
-void micro_row_block(T* w, int64_t N, const float* L, const float* R, int64_t r, float scale,
+void micro_row_block(T* w, int64_t N, const float* L, const float* packed, int64_t r, float scale,
                      int64_t m, int64_t n0, int64_t n1) {
   const __m256 s = _mm256_set1_ps(scale);
-  int64_t n = n0;
-  for (; n + kNR <= n1; n += kNR) micro_tile<T, MR>(w, N, L, R, r, s, m, n);
-  if (n < n1) merge_scalar(w, N, L, R, r, scale, m, m + MR, n, n1);
+  for (int64_t n = n0; n < n1; n += kNR)
+    micro_tile<T, MR>(w, N, L, packed + (n / kNR) * r * kNR, r, s, m, n, std::min<int64_t>(kNR, N - n));
 }
 #endif
 
@@ -301,7 +314,15 @@ void lora_merge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor&
   if (!std::isfinite(scale)) throw ValueError("scale must be finite, got " + std::to_string(scale));
   if (M == 0 || N == 0 || r == 0) return;
   const at::Tensor L = (fan_in_fan_out ? lora_A.t() : lora_B).to(at::kFloat).contiguous();
-  const at::Tensor R = (fan_in_fan_out ? lora_B.t() : lora_A).to(at::kFloat).contiguous();
+  at::Tensor R = (fan_in_fan_out ? lora_B.t() : lora_A).to(at::kFloat).contiguous();
+#if DELTAOPS_LOWRANK_AVX2
+  // Strips of 16 columns, each [r][16] contiguous (zero past N): the micro-tile
+  // reads its columns of R sequentially. Same size as R itself.
+  const int64_t strips = (N + kNR - 1) / kNR;
+  at::Tensor padded = at::zeros({r, strips * kNR}, R.options());
+  padded.narrow(1, 0, N).copy_(R);
+  R = padded.view({r, strips, kNR}).permute({1, 0, 2}).contiguous();
+#endif
   const float s = static_cast<float>(scale);
   const float* lp = L.data_ptr<float>();
   const float* rp = R.data_ptr<float>();
