@@ -128,7 +128,8 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 expected = ["radix_histogram", "threshold_mask", "topk_mask", "philox_uniform_like", "dare",
             "apply_dense_", "apply_coo_", "apply_bitmask_",
-            "merge_sign_elect", "merge_delta_histogram", "merge_delta_topk"]
+            "merge_sign_elect", "merge_delta_histogram", "merge_delta_topk",
+            "lora_merge_", "lora_shrink", "lora_expand"]
 missing = [name for name in expected if not callable(getattr(module, name, None))]
 if missing:
     raise SystemExit(f"cuda_build: FAILED: deltaops._C_cuda lacks {missing}")

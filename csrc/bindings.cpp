@@ -7,6 +7,7 @@
 
 #include "cpu/sparse_cpu.h"
 #include "cpu/merge_cpu.h"
+#include "cpu/lowrank_cpu.h"  // low-rank family
 
 namespace py = pybind11;
 namespace dc = deltaops::cpu;
@@ -75,4 +76,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_delta_topk", &dc::merge_delta_topk, py::arg("base"), py::arg("model"), py::arg("ks"),
         release(), "(threshold_key, take_equal) per k for the top-k of fp32(model) - fp32(base); "
         "take_equal -1 means every equal key");
+
+  // ---- low-rank family (csrc/cpu/lowrank_cpu.h; spec: reference/lowrank.py) ----
+  m.def("lora_merge_", &dc::lora_merge_, py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"),
+        py::arg("scale"), py::arg("fan_in_fan_out"), release(),
+        "in place weight += scale * lora_B @ lora_A (PEFT layouts), fp32 accumulation in registers, "
+        "one rounding; no scratch of the weight's size");
+  m.def("lora_shrink", &dc::lora_shrink, py::arg("x"), py::arg("lora_a_stack"),
+        py::arg("token_lora_ids"), py::arg("scale"), release(),
+        "fp32 [T, r]: scale * lora_a_stack[id] @ x[t] per token, zeros for id -1");
+  m.def("lora_expand", &dc::lora_expand, py::arg("y"), py::arg("intermediate"),
+        py::arg("lora_b_stack"), py::arg("token_lora_ids"), release(),
+        "in place y[t] += lora_b_stack[id] @ intermediate[t] (fp32 sum, one rounding), id -1 skipped");
+  // ---- end of the low-rank family ----
 }

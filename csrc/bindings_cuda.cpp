@@ -9,6 +9,7 @@
 
 #include "cuda/sparse_cuda.cuh"
 #include "cuda/merge_cuda.cuh"
+#include "cuda/lowrank_cuda.cuh"  // low-rank family
 
 namespace py = pybind11;
 namespace dc = deltaops::cuda;
@@ -150,4 +151,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "take_equal -1 means every equal key",
       py::arg("base"), py::arg("model"), py::arg("ks"), release());
   // ---- end of the merge family ----
+  // ---- low-rank family (csrc/cuda/lowrank.cu; spec: reference/lowrank.py) ----
+  m.def(
+      "lora_merge_",
+      [](at::Tensor weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+         bool fan_in_fan_out) {
+        value_errors([&] { dc::lora_merge_(weight, lora_A, lora_B, scale, fan_in_fan_out); });
+      },
+      "in place weight += scale * lora_B @ lora_A (PEFT layouts), fp32 accumulation, one rounding",
+      py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scale"),
+      py::arg("fan_in_fan_out"), release());
+  m.def(
+      "lora_shrink",
+      [](const at::Tensor& x, const at::Tensor& lora_a_stack, const at::Tensor& token_lora_ids,
+         double scale) {
+        return value_errors([&] { return dc::lora_shrink(x, lora_a_stack, token_lora_ids, scale); });
+      },
+      "fp32 [T, r]: scale * lora_a_stack[id] @ x[t], zeros for id -1", py::arg("x"),
+      py::arg("lora_a_stack"), py::arg("token_lora_ids"), py::arg("scale"), release());
+  m.def(
+      "lora_expand",
+      [](at::Tensor y, const at::Tensor& intermediate, const at::Tensor& lora_b_stack,
+         const at::Tensor& token_lora_ids) {
+        value_errors([&] { dc::lora_expand(y, intermediate, lora_b_stack, token_lora_ids); });
+      },
+      "in place y[t] += lora_b_stack[id] @ intermediate[t] (one rounding), id -1 skipped",
+      py::arg("y"), py::arg("intermediate"), py::arg("lora_b_stack"), py::arg("token_lora_ids"),
+      release());
+  // ---- end of the low-rank family ----
 }

@@ -7,7 +7,9 @@ behind ``torch.ops.deltaops``. See README.md for the ops x backends table.
 """
 
 from .backends import BackendUnavailableError, use_backend
+from .formats.lowrank import LowRankDelta
 from .formats.sparse import SparseDelta
+from .ops.lowrank import lora_expand, lora_merge_, lora_shrink, lora_unmerge_, low_rank
 from .ops.merge import merge_tensors
 from .ops.sparse import (
     DeltaUndo,
@@ -25,8 +27,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "DeltaUndo",
+    "LowRankDelta",
     "SparseDelta",
     "apply_delta_",
+    "lora_expand",
+    "lora_merge_",
+    "lora_shrink",
+    "lora_unmerge_",
+    "low_rank",
     "dare",
     "magnitude_histogram",
     "merge_tensors",
