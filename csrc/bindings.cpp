@@ -7,6 +7,7 @@
 
 #include "cpu/sparse_cpu.h"
 #include "cpu/merge_cpu.h"
+#include "cpu/quant_cpu.h"
 
 namespace py = pybind11;
 namespace dc = deltaops::cpu;
@@ -68,4 +69,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_delta_topk", &dc::merge_delta_topk, py::arg("base"), py::arg("model"), py::arg("ks"),
         release(), "(threshold_key, take_equal) per k for the top-k of fp32(model) - fp32(base); "
         "take_equal -1 means every equal key");
+
+  // ---- low-bit deltas (sign, ternary, 2/3/4/8-bit groups): csrc/cpu/quant_cpu.h ----
+  m.def("pack_bits", &dc::pack_bits, py::arg("codes"), py::arg("bits"), release(),
+        "pack uint8 codes < 2**bits into a little-endian bit stream (LSB first)");
+  m.def("unpack_bits", &dc::unpack_bits, py::arg("packed"), py::arg("bits"), py::arg("numel"),
+        release(), "inverse of pack_bits; byte count and padding bits validated");
+  m.def("quantize_sign", &dc::quantize_sign, py::arg("x"), py::arg("per_row"), release(),
+        "BitDelta: (packed sign bits, fp32 exact-mean |x| scales)");
+  m.def("quantize_ternary_absmean", &dc::quantize_ternary_absmean, py::arg("x"), release(),
+        "BitNet b1.58 absmean: (packed 2-bit codes q + 1, fp32 scale)");
+  m.def("quantize_uniform", &dc::quantize_uniform, py::arg("x"), py::arg("bits"),
+        py::arg("group_size"), py::arg("symmetric"), release(),
+        "uniform group quantization: (packed codes, fp32 scales, uint8 zeros)");
+  m.def("apply_quantized_", &dc::apply_quantized_, py::arg("weight"), py::arg("packed"),
+        py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
+        py::arg("alpha"), release(), "in place weight += alpha * dequantized codes (one rounding)");
+  m.def("delta_bmm", &dc::delta_bmm, py::arg("x"), py::arg("base_weight"), py::arg("packed"),
+        py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
+        py::arg("indices"), release(), "y[b] = x[b] @ (W + delta[indices[b]])^T, no dense delta");
+  // ---- end of low-bit deltas ----
 }
