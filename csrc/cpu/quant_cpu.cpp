@@ -9,6 +9,13 @@
 // sums. Each chunk decodes (or encodes) its codes through a small uint8
 // buffer and runs a plain loop per (row, group) segment, which the compiler
 // vectorizes (the build baseline is x86-64-v3; contraction is off).
+// Floating-point operations never trap in deltaops (torch runs with exceptions
+// masked): let GCC inline rintf as a vector round and vectorize the code
+// loops. This allows no reassociation, contraction or change of rounding.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include "quant_cpu.h"
 
 #include <algorithm>
@@ -21,6 +28,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#if defined(__BMI2__)
+#include <immintrin.h>
+#endif
 
 #include "deltaops/bits.h"
 #include "deltaops/quant.h"
@@ -106,6 +117,26 @@ inline uint64_t read_unit(const uint8_t* packed, int64_t nbytes, int64_t unit) {
   return word;
 }
 
+#if defined(__BMI2__)
+// Eight codes of BITS bits <-> one byte lane each: pdep/pext with the mask that
+// keeps the low BITS bits of every byte (BMI2; the x86-64-v3 baseline has it).
+template <int BITS>
+constexpr uint64_t lane_mask() {
+  return 0x0101010101010101ull * ((1ull << BITS) - 1ull);
+}
+#endif
+
+// Four 3-bit codes of each 12-bit value, one per byte (little-endian uint32).
+const std::vector<uint32_t>& lut3() {
+  static const std::vector<uint32_t> table = [] {
+    std::vector<uint32_t> t(4096);
+    for (uint32_t v = 0; v < 4096; ++v)
+      t[v] = (v & 7u) | (((v >> 3) & 7u) << 8) | (((v >> 6) & 7u) << 16) | (((v >> 9) & 7u) << 24);
+    return t;
+  }();
+  return table;
+}
+
 // codes[0, count) of the stream from code `first` (a multiple of 8).
 template <int BITS>
 void decode(const uint8_t* packed, int64_t nbytes, int64_t first, int64_t count, uint8_t* codes) {
@@ -116,20 +147,31 @@ void decode(const uint8_t* packed, int64_t nbytes, int64_t first, int64_t count,
     return;
   }
   const int64_t full = count / 8;
-  if (BITS == 1 || BITS == 2 || BITS == 4) {  // codes never cross a byte
-    constexpr int per_byte = 8 / BITS;
-    const uint8_t* p = packed + unit0 * BITS;
-    const int64_t bytes = full * BITS;
-    for (int64_t k = 0; k < bytes; ++k) {
-      const uint32_t byte = p[k];
-      for (int s = 0; s < per_byte; ++s) codes[k * per_byte + s] = (byte >> (s * BITS)) & mask;
+  const uint8_t* p = packed + unit0 * BITS;
+#if defined(__BMI2__)
+  if (BITS == 3) {  // 12 bits -> four codes through a table (pdep is slow on some CPUs)
+    const uint32_t* lut = lut3().data();
+    for (int64_t u = 0; u < full; ++u) {
+      const uint32_t word = uint32_t(p[u * 3]) | (uint32_t(p[u * 3 + 1]) << 8) | (uint32_t(p[u * 3 + 2]) << 16);
+      const uint32_t lo = lut[word & 0xFFFu], hi = lut[word >> 12];
+      std::memcpy(codes + u * 8, &lo, 4);
+      std::memcpy(codes + u * 8 + 4, &hi, 4);
     }
   } else {
     for (int64_t u = 0; u < full; ++u) {
-      const uint64_t word = read_unit<BITS>(packed, nbytes, unit0 + u);
-      for (int s = 0; s < 8; ++s) codes[u * 8 + s] = static_cast<uint8_t>((word >> (s * BITS)) & mask);
+      uint64_t word = 0;
+      std::memcpy(&word, p + u * BITS, BITS);
+      const uint64_t lanes = _pdep_u64(word, lane_mask<BITS>());
+      std::memcpy(codes + u * 8, &lanes, 8);
     }
   }
+#else
+  for (int64_t u = 0; u < full; ++u) {
+    uint64_t word = 0;
+    std::memcpy(&word, p + u * BITS, BITS);
+    for (int s = 0; s < 8; ++s) codes[u * 8 + s] = static_cast<uint8_t>((word >> (s * BITS)) & mask);
+  }
+#endif
   if (full < units) {  // the last, partial unit
     const uint64_t word = read_unit<BITS>(packed, nbytes, unit0 + full);
     for (int64_t i = full * 8; i < count; ++i)
@@ -146,19 +188,15 @@ void encode(const uint8_t* codes, int64_t first, int64_t count, uint8_t* packed,
     std::memcpy(p, codes, static_cast<size_t>(count));
     return;
   }
-  if (BITS == 1 || BITS == 2 || BITS == 4) {
-    constexpr int per_byte = 8 / BITS;
-    const int64_t bytes = full * BITS;
-    for (int64_t k = 0; k < bytes; ++k) {
-      uint32_t byte = 0;
-      for (int s = 0; s < per_byte; ++s) byte |= static_cast<uint32_t>(codes[k * per_byte + s]) << (s * BITS);
-      p[k] = static_cast<uint8_t>(byte);
-    }
-  } else {
-    for (int64_t u = 0; u < full; ++u) {
-      const uint64_t word = pack8(codes + u * 8, BITS);
-      std::memcpy(p + u * BITS, &word, BITS);
-    }
+  for (int64_t u = 0; u < full; ++u) {
+#if defined(__BMI2__)
+    uint64_t lanes;
+    std::memcpy(&lanes, codes + u * 8, 8);
+    const uint64_t word = _pext_u64(lanes, lane_mask<BITS>());
+#else
+    const uint64_t word = pack8(codes + u * 8, BITS);
+#endif
+    std::memcpy(p + u * BITS, &word, BITS);
   }
   if (full * 8 < count) {
     uint8_t last[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -268,6 +306,20 @@ at::Tensor encode_all(int64_t n, const at::TensorOptions& options, const CodeFil
   return packed;
 }
 
+// The code loops, on restrict pointers: uint8_t stores may alias anything,
+// and without the promise the compiler leaves these loops scalar.
+template <typename T>
+void sign_codes(const T* __restrict x, int64_t n, uint8_t* __restrict codes) {
+  for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<uint8_t>(sign_code(load_f32(x[i])));
+}
+
+template <typename T>
+void scaled_codes(const T* __restrict x, int64_t n, float s, float z, float maxq,
+                  uint8_t* __restrict codes) {
+  for (int64_t i = 0; i < n; ++i)
+    codes[i] = static_cast<uint8_t>(uniform_code_scaled(load_f32(x[i]), s, z, maxq));
+}
+
 }  // namespace
 
 // ---- pack / unpack ------------------------------------------------------------------------------
@@ -325,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_sign(const at::Tensor& x, bool per_r
     scales = at::empty({per_row ? rows : 1, 1}, x.options().dtype(at::kFloat));
     std::copy(means.begin(), means.end(), scales.data_ptr<float>());
     packed = encode_all<1>(x.numel(), x.options(), [&](int64_t b, int64_t e, uint8_t* codes) {
-      for (int64_t i = b; i < e; ++i) codes[i - b] = static_cast<uint8_t>(sign_code(load_f32(data[i])));
+      sign_codes(data + b, e - b, codes);
     });
   });
   return {packed, scales};
@@ -343,8 +395,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_ternary_absmean(const at::Tensor& x)
     scale = at::full({1, 1}, s, x.options().dtype(at::kFloat));
     const float zero = static_cast<float>(kTernaryZero);
     packed = encode_all<2>(x.numel(), x.options(), [&](int64_t b, int64_t e, uint8_t* codes) {
-      for (int64_t i = b; i < e; ++i)
-        codes[i - b] = static_cast<uint8_t>(uniform_code(load_f32(data[i]), s, zero, 2.0f));
+      scaled_codes(data + b, e - b, s, zero, 2.0f, codes);
     });
   });
   return {packed, scale};
@@ -374,17 +425,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor
       for (int64_t gi = gb; gi < ge; ++gi) {
         const int64_t r = gi / groups, g = gi % groups;
         const int64_t b = r * cols + g * group_size, e = r * cols + std::min(cols, (g + 1) * group_size);
-        float lo = load_f32(data[b]), hi = lo, amax = 0.0f;
-        uint32_t worst = 0;
+        // min and max on order-preserving integer keys of the fp32 bits (integer
+        // min/max vectorize; float ones do not without fast-math), and
+        // max |x| on the magnitude bits.
+        uint32_t lo_key = 0xFFFFFFFFu, hi_key = 0u, worst = 0u;
         for (int64_t i = b; i < e; ++i) {
-          const float v = load_f32(data[i]);
-          const uint32_t u = f32_bits(v) & 0x7FFFFFFFu;
-          worst = std::max(worst, u);
-          const float a = f32_from_bits(u);
-          lo = v < lo ? v : lo;
-          hi = v > hi ? v : hi;
-          amax = a > amax ? a : amax;
+          const uint32_t u = f32_bits(load_f32(data[i]));
+          const uint32_t key = (u >> 31) ? ~u : (u | 0x80000000u);
+          lo_key = std::min(lo_key, key);
+          hi_key = std::max(hi_key, key);
+          worst = std::max(worst, u & 0x7FFFFFFFu);
         }
+        auto from_key = [](uint32_t key) { return f32_from_bits((key >> 31) ? (key & 0x7FFFFFFFu) : ~key); };
+        const float lo = from_key(lo_key), hi = from_key(hi_key), amax = f32_from_bits(worst);
         if (worst >= 0x7F800000u) {
           finite = false;
           continue;
@@ -409,8 +462,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor
           const int64_t r = i / cols, c = i - r * cols, g = c / group_size;
           const int64_t seg_end = std::min(e, r * cols + std::min(cols, (g + 1) * group_size));
           const float s = s_out[r * groups + g], z = zf[r * groups + g];
-          for (int64_t j = i; j < seg_end; ++j)
-            codes[j - b] = static_cast<uint8_t>(uniform_code(load_f32(data[j]), s, z, maxq));
+          if (s > 0.0f) {
+            scaled_codes(data + i, seg_end - i, s, z, maxq, codes + (i - b));
+          } else {
+            std::memset(codes + (i - b), static_cast<int>(z), static_cast<size_t>(seg_end - i));
+          }
           i = seg_end;
         }
       });
@@ -460,7 +516,8 @@ std::pair<int64_t, int64_t> validate_params(int64_t rows, int64_t cols, const at
 
 // w[j] = round(w[j] + alpha * dq(code[j])) over one segment sharing s and z.
 template <typename T, bool SIGN>
-inline void apply_segment(T* w, const uint8_t* codes, int64_t len, float s, int32_t z, float alpha) {
+inline void apply_segment(T* __restrict w, const uint8_t* __restrict codes, int64_t len, float s,
+                          int32_t z, float alpha) {
   if (SIGN) {
     const float pos = s, neg = -s;
     for (int64_t j = 0; j < len; ++j)

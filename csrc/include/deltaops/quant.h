@@ -76,13 +76,17 @@ DELTAOPS_HD float rne_clamped(float y) {
 
 // ---- quantizing ---------------------------------------------------------------------------
 
-// q = clamp(rne(x / s) + z, 0, maxq), or z when s == 0 (an all-zero group).
-// Ternary absmean is this with z = 1, maxq = 2.
-DELTAOPS_HD uint32_t uniform_code(float x, float scale, float zero, float maxq) {
-  if (!(scale > 0.0f)) return static_cast<uint32_t>(zero);
+// q = clamp(rne(x / s) + z, 0, maxq) for s > 0 (branch-free: loops vectorize).
+DELTAOPS_HD uint32_t uniform_code_scaled(float x, float scale, float zero, float maxq) {
   float q = rne_clamped(div_rn(x, scale)) + zero;  // exact: small integers
   q = q < 0.0f ? 0.0f : (q > maxq ? maxq : q);
-  return static_cast<uint32_t>(q);
+  return static_cast<uint32_t>(static_cast<int32_t>(q));
+}
+
+// The code of x: uniform_code_scaled, or z when s == 0 (an all-zero group).
+// Ternary absmean is this with z = 1, maxq = 2 (its s is never 0).
+DELTAOPS_HD uint32_t uniform_code(float x, float scale, float zero, float maxq) {
+  return scale > 0.0f ? uniform_code_scaled(x, scale, zero, maxq) : static_cast<uint32_t>(zero);
 }
 
 // Scale and zero point of a group from its min, max and max |x| (fp32).
@@ -92,13 +96,15 @@ DELTAOPS_HD void uniform_params(float lo, float hi, float amax, int bits, bool s
                                 float* scale, float* zero) {
   const float maxq = static_cast<float>((1 << bits) - 1);
   if (symmetric) {
-    *scale = div_rn(amax, static_cast<float>((1 << (bits - 1)) - 1));
+    const float s = div_rn(amax, static_cast<float>((1 << (bits - 1)) - 1));
+    *scale = s > 0.0f ? s : 0.0f;
     *zero = static_cast<float>(1 << (bits - 1));
     return;
   }
   lo = lo < 0.0f ? lo : 0.0f;
   hi = hi > 0.0f ? hi : 0.0f;
-  const float s = div_rn(hi - lo, maxq);
+  float s = div_rn(hi - lo, maxq);
+  s = s > 0.0f ? s : 0.0f;  // +0.0 for an all-zero group, whatever the signs of its zeros
   *scale = s;
   if (s > 0.0f) {
     float z = rne_clamped(div_rn(-lo, s));

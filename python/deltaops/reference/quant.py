@@ -290,7 +290,8 @@ def uniform_params(values: torch.Tensor, bits: int, symmetric: bool) -> tuple[to
       ``z = clamp(rne(-lo / s), 0, 2^b - 1)``.
     * symmetric: ``s = max |x| / (2^(b-1) - 1)``, ``z = 2^(b-1)``.
 
-    ``s == 0`` (an all-zero group, or one whose range underflows): ``z`` is 0
+    ``s == 0`` (an all-zero group, or one whose range underflows; stored as
+    ``+0.0``): ``z`` is 0
     (asymmetric) or ``2^(b-1)`` and every code is ``z``, so the group
     dequantizes to zeros. A range that overflows fp32 raises ``ValueError``.
     """
@@ -304,6 +305,7 @@ def uniform_params(values: torch.Tensor, bits: int, symmetric: bool) -> tuple[to
         hi = values.amax(dim=-1).clamp(min=0.0)
         scale = (hi - lo) / float(maxq)
         zero = torch.where(scale > 0, rne(-lo / scale).clamp(0, maxq), 0.0)
+    scale = torch.where(scale > 0, scale, 0.0)  # +0.0 for all-zero groups, whatever their signs
     if not bool(torch.isfinite(scale).all()):
         raise ValueError("x: the value range of a quantization group overflows fp32")
     return scale, zero
