@@ -9,6 +9,6 @@ triton is imported). Importing this package needs triton; the backend loader
 reports the ImportError as the reason the backend is unavailable.
 """
 
-from . import philox, sparse
+from . import philox, quant, sparse
 
-__all__ = ["philox", "sparse"]
+__all__ = ["philox", "quant", "sparse"]

@@ -36,7 +36,7 @@ DEVICES = {"reference": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cuda", "cp
 
 # Python modules whose public functions make up each Python-level backend.
 _REFERENCE_MODULES = ("deltaops.reference.sparse", "deltaops.reference.quant")
-_TRITON_MODULES = ("deltaops.triton_kernels.sparse",)
+_TRITON_MODULES = ("deltaops.triton_kernels.sparse", "deltaops.triton_kernels.quant")
 
 _selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("deltaops_backend",
                                                                        default=None)
