@@ -8,6 +8,7 @@
 #include "cpu/sparse_cpu.h"
 #include "cpu/merge_cpu.h"
 #include "cpu/lowrank_cpu.h"  // low-rank family
+#include "cpu/quant_cpu.h"
 
 namespace py = pybind11;
 namespace dc = deltaops::cpu;
@@ -89,4 +90,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lora_b_stack"), py::arg("token_lora_ids"), release(),
         "in place y[t] += lora_b_stack[id] @ intermediate[t] (fp32 sum, one rounding), id -1 skipped");
   // ---- end of the low-rank family ----
+  // ---- low-bit deltas (sign, ternary, 2/3/4/8-bit groups): csrc/cpu/quant_cpu.h ----
+  m.def("pack_bits", &dc::pack_bits, py::arg("codes"), py::arg("bits"), release(),
+        "pack uint8 codes < 2**bits into a little-endian bit stream (LSB first)");
+  m.def("unpack_bits", &dc::unpack_bits, py::arg("packed"), py::arg("bits"), py::arg("numel"),
+        release(), "inverse of pack_bits; byte count and padding bits validated");
+  m.def("quantize_sign", &dc::quantize_sign, py::arg("x"), py::arg("per_row"), release(),
+        "BitDelta: (packed sign bits, fp32 exact-mean |x| scales)");
+  m.def("quantize_ternary_absmean", &dc::quantize_ternary_absmean, py::arg("x"), release(),
+        "BitNet b1.58 absmean: (packed 2-bit codes q + 1, fp32 scale)");
+  m.def("quantize_uniform", &dc::quantize_uniform, py::arg("x"), py::arg("bits"),
+        py::arg("group_size"), py::arg("symmetric"), release(),
+        "uniform group quantization: (packed codes, fp32 scales, uint8 zeros)");
+  m.def("apply_quantized_", &dc::apply_quantized_, py::arg("weight"), py::arg("packed"),
+        py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
+        py::arg("alpha"), release(), "in place weight += alpha * dequantized codes (one rounding)");
+  m.def("delta_bmm", &dc::delta_bmm, py::arg("x"), py::arg("base_weight"), py::arg("packed"),
+        py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
+        py::arg("indices"), release(), "y[b] = x[b] @ (W + delta[indices[b]])^T, no dense delta");
+  // ---- end of low-bit deltas ----
 }

@@ -3,14 +3,17 @@
 * :mod:`.philox`: Philox4x32-10 keyed as ``csrc/include/deltaops/philox.h``.
 * :mod:`.sparse`: the sparse-delta family (``docs/backend-contract.md``).
 * :mod:`.merge`: the fused sign-elect merge (``deltaops::merge_sign_elect``).
+* :mod:`.lowrank`: LoRA merge, multi-LoRA shrink and expand.
+* :mod:`.quant`: sign, ternary and uniform low-bit deltas, ``delta_bmm``.
 
-The ``triton`` backend's table is ``sparse.__all__`` plus ``merge.__all__``.
+The ``triton`` backend's table is the ``__all__`` of each family module
+(``deltaops.backends._TRITON_MODULES``).
 
 On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (set before
 triton is imported). Importing this package needs triton; the backend loader
 reports the ImportError as the reason the backend is unavailable.
 """
 
-from . import merge, philox, sparse
+from . import lowrank, merge, philox, quant, sparse
 
-__all__ = ["merge", "philox", "sparse"]
+__all__ = ["lowrank", "merge", "philox", "quant", "sparse"]

@@ -35,9 +35,10 @@ DEVICES = {"reference": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cuda", "cp
            "cuda": ("cuda",)}
 
 # Python modules whose public functions make up each Python-level backend.
-_REFERENCE_MODULES = ("deltaops.reference.sparse", "deltaops.reference.lowrank")
+_REFERENCE_MODULES = ("deltaops.reference.sparse", "deltaops.reference.lowrank",
+                      "deltaops.reference.quant")
 _TRITON_MODULES = ("deltaops.triton_kernels.sparse", "deltaops.triton_kernels.merge",
-                   "deltaops.triton_kernels.lowrank")
+                   "deltaops.triton_kernels.lowrank", "deltaops.triton_kernels.quant")
 
 _selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("deltaops_backend",
                                                                        default=None)

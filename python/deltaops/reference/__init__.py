@@ -4,6 +4,6 @@ One module per family. Tests and benchmarks import the references from here;
 nothing else defines the semantics.
 """
 
-from . import merge, philox, sparse
+from . import merge, philox, quant, sparse
 
-__all__ = ["merge", "philox", "sparse"]
+__all__ = ["merge", "philox", "quant", "sparse"]
