@@ -394,8 +394,8 @@ class OutputFolder:
                 with open(plan_file, encoding="utf-8") as handle:
                     previous = json.load(handle)
             if previous != plan_record:
-                raise CheckpointError(f"{self.partial}: the interrupted run merged a different "
-                                      f"configuration or inputs; delete the folder to start over")
+                raise CheckpointError(f"{self.partial}: the interrupted run had another configuration, inputs "
+                                      f"or world size; delete the folder to start over")
         else:
             os.makedirs(parent or ".", exist_ok=True)
             os.makedirs(self.partial, exist_ok=True)

@@ -73,12 +73,19 @@ class Summary:
     passes: list = field(default_factory=list)
 
     def line(self) -> str:
-        gb = 1e9
-        rate = self.bytes_read / gb / self.seconds if self.seconds else 0.0
-        return (f"{self.tensors} tensors in {self.seconds:.1f} s; read {self.bytes_read / gb:.2f} GB "
-                f"({rate:.2f} GB/s), wrote {self.bytes_written / gb:.2f} GB; "
-                f"peak RSS {self.peak_rss / 2**30:.2f} GiB"
-                + (f"; {self.skipped_shards} shard(s) resumed" if self.skipped_shards else ""))
+        rate = self.bytes_read / self.seconds if self.seconds else 0.0
+        return (f"{self.tensors} tensors in {self.seconds:.1f} s; read {human_bytes(self.bytes_read)} "
+                f"({human_bytes(rate)}/s), wrote {human_bytes(self.bytes_written)}; "
+                f"peak RSS {human_bytes(self.peak_rss)}"
+                + (f"; {self.skipped_shards} shard(s) already done (--resume)"
+                   if self.skipped_shards else ""))
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def peak_rss_bytes() -> int:
@@ -119,6 +126,9 @@ class MergeJob:
             info = self.base.info(name)
             planned.append(PlannedTensor(name, info.shape, self.out_dtype(info.dtype)))
         self.plan = ShardPlan(planned, options.shard_size)
+        for name in self.names:  # parameter errors now, not after hours of merging
+            if self.base.info(name).dtype in FLOAT_DTYPES:
+                self.merge_kwargs(name)
 
     def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if dtype not in FLOAT_DTYPES:
@@ -254,6 +264,14 @@ class MergeJob:
                 ks.append([magnitude_k(density, total)])
         return ks
 
+    def _raise_not_finite(self, name: str) -> None:
+        tensors = self.read_inputs(name)
+        culprit = self._nan_input(name, tensors)
+        if culprit:
+            raise CheckpointError(f"{culprit}: tensor {name!r} contains NaN")
+        raise CheckpointError(f"tensor {name!r} ({self.base.info(name).file}): a delta is "
+                              f"infinite (inf in an input, or an overflow)")
+
     def _deltas(self, name: str) -> list[torch.Tensor]:
         tensors = self.read_inputs(name)
         base = tensors[self.folders.index(self.base)].float()
@@ -269,7 +287,10 @@ class MergeJob:
         level0 = torch.zeros(n_models, 1 << 15, dtype=torch.int64)
         for name in my_names:
             for i, delta in enumerate(self._deltas(name)):
-                level0[i] += magnitude_histogram(delta, 0).cpu()
+                histogram = magnitude_histogram(delta, 0).cpu()
+                if histogram[0x7F80:].sum() > 0:  # keys of inf and NaN
+                    self._raise_not_finite(name)
+                level0[i] += histogram
             if progress is not None:
                 progress.update(self.base.info(name).nbytes * (n_models + 1))
         level0 = group.all_reduce_sum(level0)
