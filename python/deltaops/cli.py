@@ -37,7 +37,7 @@ def _run_options(args):
     return RunOptions(device=args.device, threads=args.threads, shard_size=args.shard_size,
                       seed=getattr(args, "seed", 0), resume=getattr(args, "resume", False),
                       overwrite=args.overwrite, quiet=args.quiet,
-                      check_nan=not getattr(args, "no_check_nan", False))
+                      check_nan=getattr(args, "check_nan", "output"))
 
 
 def _common(parser, shard_default: str) -> None:
@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare, della)")
     merge.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its completed shards")
-    merge.add_argument("--no-check-nan", action="store_true", help="skip the NaN check of inputs")
+    merge.add_argument("--check-nan", default="output", choices=("output", "inputs", "off"),
+                       help="output (default): a NaN in a merged tensor stops the run naming "
+                            "the input tensor and file; inputs: also NaN that a random drop "
+                            "removed; off")
 
     compress = sub.add_parser("compress", help="write the compressed delta of a fine-tune")
     compress.add_argument("--base", required=True)
@@ -95,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on a small generated model family")
     demo.add_argument("--params", type=float, default=2e7, help="parameters per model")
     demo.add_argument("--keep", default=None, help="keep the generated folders here")
+    demo.add_argument("--kernels", action="store_true",
+                      help="instead: the sparse ops on a generated delta, every backend")
     return parser
 
 
@@ -156,6 +161,9 @@ def _dispatch(args) -> None:
 
         bench(params=int(args.params), dtype=args.dtype)
     elif args.command == "demo":
-        from .demo import run
+        from .demo import kernels, run
 
-        run(params=int(args.params), keep=args.keep)
+        if args.kernels:
+            kernels()
+        else:
+            run(params=int(args.params), keep=args.keep)

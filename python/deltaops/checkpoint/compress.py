@@ -157,7 +157,7 @@ def run_compress(base_path: str, finetuned_path: str, out_dir: str, options: Com
         raise CheckpointError(f"trim_scope must be 'tensor' or 'model', got {options.trim_scope!r}")
     record = {"base": _fingerprint(base), "finetuned": _fingerprint(tuned),
               "options": options.__dict__}
-    output = OutputFolder(out_dir, record, resume=False, overwrite=run.overwrite)
+    output = OutputFolder(out_dir, record, resume=None, overwrite=run.overwrite)
     entries = {}
     pending: dict[str, torch.Tensor] = {}
     pending_bytes = 0
@@ -273,7 +273,7 @@ def run_apply(base_path: str, delta_dir: str, out_dir: str, run: RunOptions) -> 
     entries = manifest["tensors"]
     planned = [PlannedTensor(n, tuple(e["shape"]), io.ST_DTYPES[e["dtype"]]) for n, e in entries.items()]
     plan = ShardPlan(planned, run.shard_size)
-    output = OutputFolder(out_dir, {"delta": manifest["base_fingerprint"]}, resume=False,
+    output = OutputFolder(out_dir, {"delta": manifest["base_fingerprint"]}, resume=None,
                           overwrite=run.overwrite)
     summary = Summary()
     progress = _progress(plan.total_bytes, "apply", run.quiet)

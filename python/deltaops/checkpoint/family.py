@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .io import PlannedTensor, ShardPlan, write_shard
+from .io import PlannedTensor, ShardPlan, tensor_bytes
 
 
 @dataclass
@@ -69,12 +69,7 @@ def shape_for(params: int) -> Shape:
     raise AssertionError("unreachable")
 
 
-def _write_model(folder: str, shape: Shape, dtype: torch.dtype, tensor_of, shard_size: int) -> None:
-    os.makedirs(folder, exist_ok=True)
-    plan = ShardPlan([PlannedTensor(n, s, dtype) for n, s in shape.tensors()], shard_size)
-    for shard in plan.shards:
-        write_shard(folder, shard, lambda p: tensor_of(p.name, p.shape))
-    plan.write_index(folder)
+def _side_files(folder: str, shape: Shape, dtype: torch.dtype) -> None:
     with open(os.path.join(folder, "config.json"), "w") as handle:
         json.dump(shape.config(dtype), handle, indent=2)
     with open(os.path.join(folder, "generation_config.json"), "w") as handle:
@@ -108,23 +103,39 @@ def base_tensor(name: str, shape: tuple, seed: int = 0) -> torch.Tensor:
 
 def delta_tensor(name: str, shape: tuple, model: int, seed: int = 0, scale: float = 1e-3) -> torch.Tensor:
     """A fine-tuning-like delta: shared direction + own noise, with heavy tails."""
-    shared = torch.randn(shape, generator=_generator(seed + 7919, name))
-    own = torch.randn(shape, generator=_generator(seed + 104729 * (model + 1), name))
-    delta = 0.6 * shared + own
-    delta = delta * delta.abs().pow(0.5)  # heavier tails than a Gaussian
-    return delta * scale
+    delta = torch.randn(shape, generator=_generator(seed + 7919, name)).mul_(0.6)
+    delta.add_(torch.randn(shape, generator=_generator(seed + 104729 * (model + 1), name)))
+    return delta.mul_(delta.abs().sqrt_().mul_(scale))  # heavier tails than a Gaussian
 
 
 def make_family(root: str, params: int = 200_000, n_finetunes: int = 3,
                 dtype: torch.dtype = torch.float32, shard_size: int = 2 * 1024**3,
                 seed: int = 0, shape: Shape | None = None) -> list[str]:
-    """Write ``root/base`` and ``root/ft1..ftN``; returns their paths (base first)."""
+    """Write ``root/base`` and ``root/ft1..ftN``; returns their paths (base first).
+
+    All models are written in one pass (each base tensor is generated once).
+    """
     shape = shape or shape_for(params)
     paths = [os.path.join(root, "base")] + [os.path.join(root, f"ft{i + 1}") for i in range(n_finetunes)]
-    _write_model(paths[0], shape, dtype,
-                 lambda n, s: base_tensor(n, s, seed).to(dtype), shard_size)
-    for m, path in enumerate(paths[1:]):
-        _write_model(path, shape, dtype,
-                     lambda n, s, m=m: (base_tensor(n, s, seed) + delta_tensor(n, s, m, seed)).to(dtype),
-                     shard_size)
+    plan = ShardPlan([PlannedTensor(n, s, dtype) for n, s in shape.tensors()], shard_size)
+    handles = []
+    for path in paths:
+        os.makedirs(path, exist_ok=True)
+    for shard in plan.shards:
+        handles = [open(os.path.join(path, shard.file), "wb") for path in paths]
+        try:
+            for handle in handles:
+                handle.write(shard.header_bytes())
+            for planned in shard.tensors:
+                base = base_tensor(planned.name, planned.shape, seed)
+                handles[0].write(tensor_bytes(base.to(dtype)))
+                for m, handle in enumerate(handles[1:]):
+                    tuned = base + delta_tensor(planned.name, planned.shape, m, seed)
+                    handle.write(tensor_bytes(tuned.to(dtype)))
+        finally:
+            for handle in handles:
+                handle.close()
+    for path in paths:
+        plan.write_index(path)
+        _side_files(path, shape, dtype)
     return paths

@@ -57,7 +57,7 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
-    check_nan: bool = True
+    check_nan: str = "output"  # "output": check the result, name the input; "inputs"; "off"
 
 
 @dataclass
@@ -166,7 +166,8 @@ class MergeJob:
     # ---- one tensor ---------------------------------------------------------------
 
     def read_inputs(self, name: str) -> list[torch.Tensor]:
-        tensors = [folder.read(name) for folder in self.folders]
+        """Tensor ``name`` of every input, in each folder's reusable buffer (valid until the next call)."""
+        tensors = [folder.read_reusing(name) for folder in self.folders]
         device = self.options.device
         if device != "cpu":
             tensors = [t.to(device) for t in tensors]
@@ -175,8 +176,13 @@ class MergeJob:
         return tensors
 
     def _nan_input(self, name: str, tensors: list[torch.Tensor]) -> Optional[str]:
+        """The file of the first input whose tensor ``name`` holds a NaN, or None.
+
+        ``max`` propagates NaN and reads the tensor once without a temporary;
+        ``isnan(x).any()`` is 3-4x slower on bf16 (it materialises a mask).
+        """
         for folder, tensor in zip(self.folders, tensors):
-            if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
+            if tensor.is_floating_point() and tensor.numel() and bool(torch.isnan(tensor.max())):
                 return folder.info(name).file
         return None
 
@@ -228,7 +234,7 @@ class MergeJob:
         else:
             models = [tensors[i] for i in self.non_base]
         kwargs = self.merge_kwargs(name, thresholds)
-        if self.options.check_nan:
+        if self.options.check_nan == "inputs":
             culprit = self._nan_input(name, tensors)
             if culprit:
                 raise CheckpointError(f"{culprit}: tensor {name!r} contains NaN")
@@ -239,6 +245,16 @@ class MergeJob:
             if culprit:
                 raise CheckpointError(f"{culprit}: tensor {name!r} contains NaN") from None
             raise CheckpointError(f"tensor {name!r} ({self.base.info(name).file}): {error}") from None
+        if self.options.check_nan != "off" and out.numel() and bool(torch.isnan(out.max())):
+            # Every method propagates a NaN input into the output (or raises on it), except
+            # one a random drop removed before any norm saw it; name the input.
+            culprit = self._nan_input(name, tensors)
+            if culprit:
+                raise CheckpointError(f"{culprit}: tensor {name!r} contains NaN")
+            raise CheckpointError(f"tensor {name!r} ({self.base.info(name).file}): the merge "
+                                  f"produced NaN from finite inputs")
+        if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in tensors):
+            out = out.clone()  # the input buffers are reused for the next tensor
         del tensors, base, models
         return out
 
@@ -414,8 +430,12 @@ def run_merge(config: MergeConfig, out_dir: str, options: RunOptions,
             progress.update(planned.nbytes)
         return out
 
-    for shard in todo:
-        io.write_shard(output.partial, shard, produce)
+    syncer = io.Syncer()
+    try:
+        for shard in todo:
+            io.write_shard(output.partial, shard, produce, syncer=syncer)
+    finally:
+        syncer.wait()
     if progress is not None:
         progress.close()
     group.barrier()
