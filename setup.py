@@ -100,6 +100,7 @@ setup(
     packages=[
         "deltaops", "deltaops.ops", "deltaops.reference", "deltaops.formats",
         "deltaops.integrations", "deltaops.backends", "deltaops.triton_kernels",
+        "deltaops.checkpoint",
     ],
     package_dir={"deltaops": "python/deltaops", "deltaops.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
