@@ -8,7 +8,7 @@ Two ways to read a tensor: :meth:`ModelFolder.read` maps just its byte
 range (``mmap`` with ``MAP_POPULATE``, copy-on-write so torch gets a writable
 buffer) and wraps it with ``torch.frombuffer``: no copy, and the mapping goes
 away with the tensor. :meth:`ModelFolder.read_reusing`, which the merge loop
-uses, ``preadv``\ s it into one buffer per folder that is reused for every
+uses, reads it with ``preadv`` into one buffer per folder, reused for every
 tensor: about 3x faster than populating a fresh mapping per tensor (measured
 on a 2 GB model: 0.6 s against 2.2 s), with the same resident set. (Neither
 keeps a whole-file mapping open the way a long-lived ``safe_open`` handle
