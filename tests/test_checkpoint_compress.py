@@ -128,3 +128,9 @@ def test_info_describes_folders(tmp_path, families, capsys):
     capsys.readouterr()
     cli(["info", delta])
     assert "deltaops delta (sparse" in capsys.readouterr().out
+
+
+def test_bench_subcommand_reports_against_a_copy(capsys):
+    cli(["bench", "--params", "2e5", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "TIES merge of base + 3 fine-tunes" in out and "a file copy of the base ran at" in out

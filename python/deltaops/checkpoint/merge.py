@@ -1,10 +1,10 @@
 """Streaming whole-checkpoint merge: ``deltaops merge CONFIG.yml OUT_DIR``.
 
-One output tensor at a time: the N+1 input tensors are mapped from their
-shards (no copy), cast to the config's ``dtype`` if it has one, merged by
-:func:`deltaops.merge_tensors` and streamed into the output shard, so the
-resident set stays near N+2 times the largest tensor whatever the model's
-size.
+One output tensor at a time: the N+1 input tensors are read into one reusable
+buffer per model, cast to the config's ``dtype`` if it has one, merged by
+:func:`deltaops.merge_tensors` and streamed into the output shard (written by
+a thread while the next tensor is merged), so the resident set stays near
+N+3 times the largest tensor whatever the model's size.
 
 ``trim_scope: model`` (ties, breadcrumbs, breadcrumbs_ties) selects each
 model's top-k over all of that model's tensors, as the TIES paper defines the
