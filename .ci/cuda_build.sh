@@ -127,7 +127,9 @@ spec = importlib.util.spec_from_file_location("deltaops._C_cuda", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 expected = ["radix_histogram", "threshold_mask", "topk_mask", "philox_uniform_like", "dare",
-            "apply_dense_", "apply_coo_", "apply_bitmask_"]
+            "apply_dense_", "apply_coo_", "apply_bitmask_",
+            "pack_bits", "unpack_bits", "quantize_sign", "quantize_ternary_absmean",
+            "quantize_uniform", "apply_quantized_", "delta_bmm"]
 missing = [name for name in expected if not callable(getattr(module, name, None))]
 if missing:
     raise SystemExit(f"cuda_build: FAILED: deltaops._C_cuda lacks {missing}")

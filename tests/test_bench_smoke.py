@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("family", ["sparse", "merge"])
+@pytest.mark.parametrize("family", ["sparse", "merge", "quant"])
 def test_bench_quick_runs_and_writes_its_table(family, tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", f"{family}.py"), "--quick", "--out", str(tmp_path)],
