@@ -129,7 +129,9 @@ spec.loader.exec_module(module)
 expected = ["radix_histogram", "threshold_mask", "topk_mask", "philox_uniform_like", "dare",
             "apply_dense_", "apply_coo_", "apply_bitmask_",
             "merge_sign_elect", "merge_delta_histogram", "merge_delta_topk",
-            "lora_merge_", "lora_shrink", "lora_expand"]
+            "lora_merge_", "lora_shrink", "lora_expand",
+            "pack_bits", "unpack_bits", "quantize_sign", "quantize_ternary_absmean",
+            "quantize_uniform", "apply_quantized_", "delta_bmm"]
 missing = [name for name in expected if not callable(getattr(module, name, None))]
 if missing:
     raise SystemExit(f"cuda_build: FAILED: deltaops._C_cuda lacks {missing}")

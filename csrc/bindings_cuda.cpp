@@ -7,6 +7,7 @@
 
 #include <utility>
 
+#include "cuda/quant_cuda.cuh"
 #include "cuda/sparse_cuda.cuh"
 #include "cuda/merge_cuda.cuh"
 #include "cuda/lowrank_cuda.cuh"  // low-rank family
@@ -179,4 +180,52 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("y"), py::arg("intermediate"), py::arg("lora_b_stack"), py::arg("token_lora_ids"),
       release());
   // ---- end of the low-rank family ----
+  // ---- low-bit deltas (sign, ternary, 2/3/4/8-bit groups): csrc/cuda/quant_cuda.cuh ----
+  m.def(
+      "pack_bits",
+      [](const at::Tensor& codes, int64_t bits) { return value_errors([&] { return dc::pack_bits(codes, bits); }); },
+      "pack uint8 codes < 2**bits, LSB first", py::arg("codes"), py::arg("bits"), release());
+  m.def(
+      "unpack_bits",
+      [](const at::Tensor& packed, int64_t bits, int64_t numel) {
+        return value_errors([&] { return dc::unpack_bits(packed, bits, numel); });
+      },
+      "inverse of pack_bits", py::arg("packed"), py::arg("bits"), py::arg("numel"), release());
+  m.def(
+      "quantize_sign",
+      [](const at::Tensor& x, bool per_row) { return value_errors([&] { return dc::quantize_sign(x, per_row); }); },
+      "BitDelta sign bits and exact-mean scales", py::arg("x"), py::arg("per_row"), release());
+  m.def(
+      "quantize_ternary_absmean",
+      [](const at::Tensor& x) { return value_errors([&] { return dc::quantize_ternary_absmean(x); }); },
+      "BitNet b1.58 absmean ternary codes and scale", py::arg("x"), release());
+  m.def(
+      "quantize_uniform",
+      [](const at::Tensor& x, int64_t bits, int64_t group_size, bool symmetric) {
+        return value_errors([&] { return dc::quantize_uniform(x, bits, group_size, symmetric); });
+      },
+      "uniform group quantization", py::arg("x"), py::arg("bits"), py::arg("group_size"),
+      py::arg("symmetric"), release());
+  m.def(
+      "apply_quantized_",
+      [](at::Tensor weight, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+         int64_t bits, int64_t group_size, double alpha) {
+        value_errors([&] { dc::apply_quantized_(weight, packed, scales, zeros, bits, group_size, alpha); });
+      },
+      "in place weight += alpha * dequantized codes (one rounding)", py::arg("weight"), py::arg("packed"),
+      py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"), py::arg("alpha"),
+      release());
+  m.def(
+      "delta_bmm",
+      [](const at::Tensor& x, const at::Tensor& base_weight, const at::Tensor& packed,
+         const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
+         const at::Tensor& indices) {
+        return value_errors([&] {
+          return dc::delta_bmm(x, base_weight, packed, scales, zeros, bits, group_size, indices);
+        });
+      },
+      "y[b] = x[b] @ (W + delta[indices[b]])^T, no dense delta", py::arg("x"), py::arg("base_weight"),
+      py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
+      py::arg("indices"), release());
+  // ---- end of low-bit deltas ----
 }

@@ -224,31 +224,70 @@ void validate_stream(const at::Tensor& packed, int64_t bits, int64_t numel) {
 
 // ---- exact mean |x| ------------------------------------------------------------------------
 
-// Adds the significands of |x[b, e)| into bins (kExponentBins); false if a
-// value is NaN or inf. Four interleaved bin sets break the store-to-load
-// dependency between neighbours with equal exponents.
-template <typename T>
-bool add_abs_bins(const T* x, int64_t b, int64_t e, uint64_t* bins) {
-  uint64_t sub[4][kExponentBins];
-  std::memset(sub, 0, sizeof(sub));
-  uint32_t worst = 0;
-  int64_t i = b;
-  for (; i + 4 <= e; i += 4) {
-    for (int l = 0; l < 4; ++l) {
-      const uint32_t u = f32_bits(load_f32(x[i + l])) & 0x7FFFFFFFu;
-      worst = std::max(worst, u);
-      const uint32_t ex = u >> 23;
-      sub[l][ex] += (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u);
+// Exact |x| sums, kExponentBins bins of 128 bits (lo + 2^64 hi): see quant.h.
+struct AbsBins {
+  uint64_t lo[kExponentBins];
+  uint64_t hi[kExponentBins];
+  void clear() {
+    std::memset(lo, 0, sizeof(lo));
+    std::memset(hi, 0, sizeof(hi));
+  }
+  void add(int e, uint64_t v) {
+    lo[e] += v;
+    hi[e] += lo[e] < v;  // carry
+  }
+  void merge(const AbsBins& o) {
+    for (int e = 0; e < kExponentBins; ++e) {
+      add(e, o.lo[e]);
+      hi[e] += o.hi[e];
     }
   }
-  for (; i < e; ++i) {
-    const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
-    worst = std::max(worst, u);
-    const uint32_t ex = u >> 23;
-    sub[0][ex] += (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u);
+};
+
+constexpr int64_t kSumBlock = 1 << 14;  // elements summed in one 64-bit lane set (< 2^62)
+
+// Adds |x[b, e)| into bins; false if a value is NaN or inf. Fast path, per
+// block: with E the block's largest exponent, every element with exponent
+// >= E - 24 adds m << (e - (E - 24)) (< 2^48) into one integer sum (a
+// vectorized loop), credited to bin E - 24; the rare smaller non-zero
+// elements go to their own bins one by one. Integer sums: exact, any order.
+template <typename T>
+bool add_abs_bins(const T* __restrict x, int64_t b, int64_t e, AbsBins& bins) {
+  for (int64_t blk = b; blk < e; blk += kSumBlock) {
+    const int64_t end = std::min(e, blk + kSumBlock);
+    uint32_t worst = 0;
+    for (int64_t i = blk; i < end; ++i) worst = std::max(worst, f32_bits(load_f32(x[i])) & 0x7FFFFFFFu);
+    if (worst >= 0x7F800000u) return false;
+    const int32_t top = static_cast<int32_t>(worst >> 23);
+    const int32_t base = top - 24;
+    if (base < 1) {  // tiny values only: bin by bin
+      for (int64_t i = blk; i < end; ++i) {
+        const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
+        const uint32_t ex = u >> 23;
+        bins.add(static_cast<int>(ex), (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
+      }
+      continue;
+    }
+    uint64_t sum = 0;
+    uint32_t small = 0;
+    for (int64_t i = blk; i < end; ++i) {
+      const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
+      const int32_t ex = static_cast<int32_t>(u >> 23);
+      const uint64_t m = (u & 0x7FFFFFu) | 0x800000u;
+      const bool in_window = ex >= base;
+      sum += in_window ? (m << static_cast<uint32_t>(ex - base)) : 0u;
+      small |= (!in_window && u != 0u) ? 1u : 0u;
+    }
+    bins.add(base, sum);
+    if (small) {
+      for (int64_t i = blk; i < end; ++i) {
+        const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
+        const int32_t ex = static_cast<int32_t>(u >> 23);
+        if (ex < base && u != 0u) bins.add(ex, (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
+      }
+    }
   }
-  for (int k = 0; k < kExponentBins; ++k) bins[k] += sub[0][k] + sub[1][k] + sub[2][k] + sub[3][k];
-  return worst < 0x7F800000u;
+  return true;
 }
 
 template <typename T>
@@ -268,11 +307,11 @@ std::vector<float> abs_means(const T* x, int64_t rows, int64_t cols, bool per_ro
     std::vector<float> means(rows);
     at::parallel_for(0, rows, std::max<int64_t>(1, kChunk / std::max<int64_t>(cols, 1)),
                      [&](int64_t rb, int64_t re) {
-      std::vector<uint64_t> bins(kExponentBins);
+      AbsBins bins;
       for (int64_t r = rb; r < re; ++r) {
-        std::fill(bins.begin(), bins.end(), 0);
-        if (!add_abs_bins(x, r * cols, (r + 1) * cols, bins.data())) finite = false;
-        means[r] = abs_mean_from_bins(bins.data(), cols);
+        bins.clear();
+        if (!add_abs_bins(x, r * cols, (r + 1) * cols, bins)) finite = false;
+        means[r] = abs_mean_from_bins(bins.lo, cols, bins.hi);
       }
     });
     if (!finite) throw_nonfinite(x, n, "x");
@@ -280,15 +319,17 @@ std::vector<float> abs_means(const T* x, int64_t rows, int64_t cols, bool per_ro
   }
   const int64_t chunk = int64_t(1) << 18;
   const int64_t nchunks = (n + chunk - 1) / chunk;
-  std::vector<uint64_t> chunk_bins(static_cast<size_t>(std::max<int64_t>(nchunks, 1)) * kExponentBins, 0);
+  std::vector<AbsBins> chunk_bins(static_cast<size_t>(std::max<int64_t>(nchunks, 1)));
   parallel_chunks(n, chunk, [&](int64_t b, int64_t e) {
-    if (!add_abs_bins(x, b, e, chunk_bins.data() + (b / chunk) * kExponentBins)) finite = false;
+    AbsBins& bins = chunk_bins[b / chunk];
+    bins.clear();
+    if (!add_abs_bins(x, b, e, bins)) finite = false;
   });
   if (!finite) throw_nonfinite(x, n, "x");
-  std::vector<uint64_t> bins(kExponentBins, 0);
-  for (int64_t c = 0; c < nchunks; ++c)
-    for (int k = 0; k < kExponentBins; ++k) bins[k] += chunk_bins[c * kExponentBins + k];
-  return {abs_mean_from_bins(bins.data(), n)};
+  AbsBins total;
+  total.clear();
+  for (int64_t c = 0; c < nchunks; ++c) total.merge(chunk_bins[c]);
+  return {abs_mean_from_bins(total.lo, n, total.hi)};
 }
 
 // Encode x into `bits`-bit codes, chunk by chunk: code_of(T* x, begin, end, codes) fills

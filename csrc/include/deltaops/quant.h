@@ -137,18 +137,19 @@ DELTAOPS_HD void abs_bin_add(uint64_t* bins, float v) {
   bins[e] += (u & 0x7FFFFFu) | (e ? 0x800000u : 0u);
 }
 
-// sum_e bins[e] * 2^(max(e, 1) - 150), rounded to the nearest double (ties to even).
-inline double abs_sum_to_double(const uint64_t* bins) {
-  // T = sum_e bins[e] << (max(e, 1) - 1) as a 384-bit integer; the sum is T * 2^-149.
-  uint64_t limb[6] = {0, 0, 0, 0, 0, 0};
-  for (int e = 0; e < kExponentBins; ++e) {
-    const uint64_t m = bins[e];
-    if (m == 0) continue;
-    const int shift = (e > 1 ? e : 1) - 1;
+// sum_e (bins[e] + 2^64 * bins_hi[e]) * 2^(max(e, 1) - 150), rounded to the
+// nearest double (ties to even). bins_hi may be null; it carries the high
+// words of bins that kernels accumulate 128 bits wide.
+inline double abs_sum_to_double(const uint64_t* bins, const uint64_t* bins_hi = nullptr) {
+  // T = sum_e value_e << (max(e, 1) - 1) as a 448-bit integer; the sum is T * 2^-149.
+  constexpr int kLimbs = 7;
+  uint64_t limb[kLimbs] = {0, 0, 0, 0, 0, 0, 0};
+  auto add_at = [&](uint64_t m, int shift) {
+    if (m == 0) return;
     const int w = shift >> 6, off = shift & 63;
-    uint64_t add[2] = {m << off, off ? (m >> (64 - off)) : 0};
+    const uint64_t add[2] = {m << off, off ? (m >> (64 - off)) : 0};
     uint64_t carry = 0;
-    for (int i = w; i < 6; ++i) {
+    for (int i = w; i < kLimbs; ++i) {
       const uint64_t a = (i - w) < 2 ? add[i - w] : 0;
       const uint64_t s1 = limb[i] + a;
       const uint64_t c1 = s1 < a;
@@ -158,9 +159,14 @@ inline double abs_sum_to_double(const uint64_t* bins) {
       carry = c1 | c2;
       if (i - w >= 1 && carry == 0) break;
     }
+  };
+  for (int e = 0; e < kExponentBins; ++e) {
+    const int shift = (e > 1 ? e : 1) - 1;
+    add_at(bins[e], shift);
+    if (bins_hi) add_at(bins_hi[e], shift + 64);
   }
   int top = -1;  // index of the most significant set bit
-  for (int i = 5; i >= 0 && top < 0; --i)
+  for (int i = kLimbs - 1; i >= 0 && top < 0; --i)
     if (limb[i]) top = i * 64 + 63 - __builtin_clzll(limb[i]);
   if (top < 0) return 0.0;
   auto bit_at = [&](int b) -> uint64_t { return b < 0 ? 0 : (limb[b >> 6] >> (b & 63)) & 1u; };
@@ -175,9 +181,9 @@ inline double abs_sum_to_double(const uint64_t* bins) {
 }
 
 // fp32(fp64(S) / count), 0 for an empty set.
-inline float abs_mean_from_bins(const uint64_t* bins, int64_t count) {
+inline float abs_mean_from_bins(const uint64_t* bins, int64_t count, const uint64_t* bins_hi = nullptr) {
   if (count == 0) return 0.0f;
-  return static_cast<float>(abs_sum_to_double(bins) / static_cast<double>(count));
+  return static_cast<float>(abs_sum_to_double(bins, bins_hi) / static_cast<double>(count));
 }
 
 }  // namespace quant
