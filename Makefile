@@ -4,8 +4,11 @@
 #   make build   (re)build the C++ extension into the editable install
 #   make test    the whole suite (CPU kernels, Triton under TRITON_INTERPRET=1,
 #                peers), failing if the CPU kernels or Triton are not usable
-#   make demo    the sparse ops on a generated delta, on every backend here
-#   make bench   the microbenchmarks (CSV, PNG and a markdown table in bench/results)
+#   make demo    the main job on a generated model family: merge it with a shipped
+#                example config, compress and re-apply a delta
+#   make bench   the microbenchmarks of every op family (CSV, PNG and a markdown
+#                table each in bench/results); `make bench-checkpoint` times whole
+#                checkpoint merges against mergekit-yaml (a 1B-parameter family)
 #   make cuda    prove the CUDA sources compile (torch CUDA build in .venv-cuda)
 
 PYTHON ?= python3
@@ -16,7 +19,7 @@ TORCH_SPEC ?= torch==2.13.0
 JOBS ?= 2
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: setup build test demo bench cuda clean
+.PHONY: setup build test demo bench bench-checkpoint cuda clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +44,10 @@ demo: build
 	$(PY) -m deltaops demo
 
 bench: build
-	$(PY) bench/sparse.py
+	for family in sparse merge quant lowrank; do $(PY) bench/$$family.py || exit 1; done
+
+bench-checkpoint: build
+	$(PY) bench/checkpoint.py
 
 cuda:
 	bash .ci/cuda_build.sh
