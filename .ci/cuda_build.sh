@@ -128,6 +128,7 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 expected = ["radix_histogram", "threshold_mask", "topk_mask", "philox_uniform_like", "dare",
             "apply_dense_", "apply_coo_", "apply_bitmask_",
+            "merge_sign_elect", "merge_delta_histogram", "merge_delta_topk",
             "lora_merge_", "lora_shrink", "lora_expand"]
 missing = [name for name in expected if not callable(getattr(module, name, None))]
 if missing:
@@ -139,6 +140,13 @@ except RuntimeError as error:
     assert "CUDA tensor" in str(error), error
 else:
     raise SystemExit("cuda_build: FAILED: radix_histogram accepted a CPU tensor")
+try:
+    module.merge_sign_elect(torch.zeros(4), [torch.zeros(4)], "ties", [1.0], [0.5], [0.01], 1.0,
+                            True, "", "sum", 0, [], "float32")
+except RuntimeError as error:
+    assert "CUDA tensor" in str(error), error
+else:
+    raise SystemExit("cuda_build: FAILED: merge_sign_elect accepted a CPU tensor")
 print("import ok:", ", ".join(expected))
 EOF
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
+import gc
 import os
 import platform
 import statistics
@@ -164,6 +165,31 @@ def keep_freed_memory() -> bool:
     return bool(ok)
 
 
+def peak_rss_growth(fn: Callable[[], object]) -> Optional[int]:
+    """Bytes by which the process's peak RSS rose above its RSS while ``fn`` ran
+    (its result, usually the output, included); None where Linux's peak-RSS reset
+    (``/proc/self/clear_refs``) is unavailable. Run it after the timing, with the
+    inputs already resident."""
+    def status_kb(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise OSError(field)
+
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = status_kb("VmRSS")
+        result = fn()
+        peak = status_kb("VmHWM")
+        del result
+    except OSError:
+        return None
+    return max(0, peak - before) * 1024
+
+
 # ---------------------------------------------------------------------------
 # targets and rows
 
@@ -210,10 +236,11 @@ class Row:
     alt_bytes: Optional[int] = None  # the same case under a second bytes model
     alt_model: str = ""  # what that second model counts
     alt_pct_of_copy: Optional[float] = None
+    peak_extra_mb: Optional[float] = None  # peak RSS above the inputs (output included)
 
     CSV_FIELDS = ("family", "op", "case", "backend", "device", "shape", "dtype", "median_ms",
                   "min_ms", "iqr_ms", "runs", "bytes", "gbps", "pct_of_copy", "speedup",
-                  "peer", "target", "status", "notes", "alt_bytes", "alt_pct_of_copy", "alt_model")
+                  "peer", "target", "status", "notes", "alt_bytes", "alt_pct_of_copy", "alt_model", "peak_extra_mb")
 
     def csv_dict(self) -> dict:
         out = {}
@@ -344,7 +371,7 @@ class Bench:
              shape: Optional[str] = None, dtype: Optional[str] = None,
              budget_s: Optional[float] = None, min_repeat: Optional[int] = None,
              max_repeat: int = 50, warmup: int = 1, alt_bytes: Optional[int] = None,
-             alt_model: str = "") -> Row:
+             alt_model: str = "", memory: bool = False) -> Row:
         """Time ``fn`` and record a row.
 
         ``tensor`` gives the shape, dtype and device of the case (and the
@@ -353,6 +380,7 @@ class Bench:
         from ``fn`` (an op or backend not available) gives an ``n/a`` row
         instead of stopping the run. ``alt_bytes``/``alt_model``: a second
         bytes model, reported beside the first (the target uses ``bytes``).
+        ``memory``: also run ``fn`` once under :func:`peak_rss_growth`.
         """
         device = tensor.device.type if isinstance(tensor, torch.Tensor) else "cpu"
         row = Row(self.family, op, case, backend, device,
@@ -372,6 +400,9 @@ class Bench:
             return row
         row.median_ms, row.min_ms, row.iqr_ms, row.runs = (m.median_s * 1e3, m.min_s * 1e3,
                                                             m.iqr_s * 1e3, m.n)
+        if memory:
+            grown = peak_rss_growth(fn)
+            row.peak_extra_mb = None if grown is None else grown / 2**20
         self.rows.append(row)
         self._links.append((row, target, peer))
         self._derive(row, target, peer)
@@ -409,14 +440,14 @@ class Bench:
 
         out = [*(f"_{line}_  " for line in self.header_lines()), "",
                "| op | case | backend | shape | dtype | median ms | GB/s | % copy | speedup | peer"
-               " | target | status |",
-               "|---|---|---|---|---|---:|---:|---:|---:|---|---|---|"]
+               " | target | status | peak extra MB |",
+               "|---|---|---|---|---|---:|---:|---:|---:|---|---|---|---:|"]
         for r in self.rows:
             out.append(f"| {r.op} | {r.case} | {r.backend} | {r.shape} | {r.dtype} "
                        f"| {fmt(r.median_ms, '.3f')} | {fmt(r.gbps, '.2f')} "
                        f"| {fmt(r.pct_of_copy, '.1f')} "
                        f"| {fmt(r.speedup, '.2f') + ('x' if r.speedup is not None else '')} "
-                       f"| {r.peer} | {r.target} | {r.status} |")
+                       f"| {r.peer} | {r.target} | {r.status} | {fmt(r.peak_extra_mb, '.0f')} |")
         notes = [r for r in self.rows if (r.status == "n/a" or r.status == "FAIL" or r.notes
                                           or r.alt_pct_of_copy is not None)
                  and r.status not in ("ref",)]

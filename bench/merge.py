@@ -1,19 +1,21 @@
-"""Benchmark of the fused merge kernel (deltaops.merge_tensors, CPU backend)
+"""Benchmark of the fused merge kernels (deltaops.merge_tensors, CPU backend)
 against mergekit's ``merge_tensors`` and PEFT's ``ties`` on the same tensors.
 
     python bench/merge.py [--quick] [--out DIR] [--budget S] [--threads N] [--keep-freed-memory]
 
 Full run: base + 3 fine-tunes of a 4096x11008 bf16 tensor (one MLP projection
 of a 7B model). Cases: TIES (density 0.2, sign "sum"), DARE-TIES (density 0.2,
-rescale "density") and task_arithmetic, each against the peers, and
-task_arithmetic against copy bandwidth. ``--quick``: 128x512 and the
-reference backend too. Writes <out>/merge.csv and <out>/merge.png.
+rescale "density"), task_arithmetic and linear, each against the peers; the
+peak memory above the inputs (output included) of TIES for every
+implementation; then the scaling of ties and task_arithmetic with the number
+of models (1, 2, 4, 8) and with the tensor size. ``--quick``: small shapes
+and the reference backend too. Writes <out>/merge.csv and <out>/merge.png.
 
 Bytes model ("one pass"): N + 1 input tensors read once and the output
-written once, (N + 2) * numel * element_size. The kernel makes more passes
-than that for TIES (two histogram passes per model and, when take_equal
-splits the equal keys, a count pass), so its % of copy under this model is a
-lower bound on the bandwidth it draws.
+written once, (N + 2) * numel * element_size (linear: N + 1, no base). The
+kernel makes more passes than that for TIES (two histogram passes per model
+and, when take_equal splits the equal keys, a count pass), so its % of copy
+under this model is a lower bound on the bandwidth it draws.
 """
 
 from __future__ import annotations
@@ -47,6 +49,22 @@ def make_data(shape, n, seed=0):
     return base, models
 
 
+def scaling(bench, do, ours, shape, *, quick):
+    """ties and task_arithmetic with N = 1, 2, 4, 8 models, then with the tensor size."""
+    sizes = [(64, 128), (128, 512), (256, 1024)] if quick else \
+        [(1024, 1024), (2048, 4096), (4096, 11008), (8192, 11008)]
+    cases = [(shape, n_models) for n_models in (1, 2, 4, 8)]
+    cases += [(size, N_MODELS) for size in sizes if size != shape]
+    for size, n_models in cases:
+        tensors = make_data(size, n_models, seed=1)
+        numel = tensors[0].numel()
+        for method, opts in (("ties", {"density": DENSITY}), ("task_arithmetic", {})):
+            bench.case(method, f"scaling N={n_models}", "cpu", ours("cpu", method, opts, tensors),
+                       bytes=(n_models + 2) * numel * tensors[0].element_size(),
+                       tensor=tensors[0])
+        del tensors
+
+
 def main(argv=None) -> int:
     args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     configure(args)
@@ -72,16 +90,25 @@ def main(argv=None) -> int:
     def slow(name):
         return {"warmup": 0, "min_repeat": 1, "max_repeat": 1} if name == "reference" else {}
 
+    def ours(name, method, opts, tensors=None):
+        b, ms = tensors or (base, models)
+        return with_backend(name, lambda: do.merge_tensors(b, ms, method,
+                                                           weights=[1.0] * len(ms), **opts))
+
     with torch.no_grad():
         bench.copy_reference(base)
         bench.alloc_reference(base)
         for method, opts, goal in (
-                # The merge issue's target: TIES at least 50x mergekit (and PEFT).
+                # The merge issue's targets: TIES at least 50x mergekit (and PEFT);
+                # task_arithmetic and linear at least 40% of the copy bandwidth.
                 ("ties", {"density": DENSITY}, Target("speedup", 50)),
                 ("dare_ties", {"density": DENSITY, "rescale": "density", "seed": 0},
                  Target("speedup", 50)),
-                ("task_arithmetic", {}, Target("pct_of_copy", 40))):
+                ("task_arithmetic", {}, Target("pct_of_copy", 40)),
+                ("linear", {}, Target("pct_of_copy", 40))):
             case = f"N={N_MODELS}" + (f" density={DENSITY}" if "density" in opts else "")
+            bytes_ = (N_MODELS + (1 if method == "linear" else 2)) * n * es
+            memory = method == "ties"
             peer = None
             if mm is not None:
                 params = {"weight": 1.0, **({"density": DENSITY} if "density" in opts else {})}
@@ -90,31 +117,31 @@ def main(argv=None) -> int:
                 peer = bench.case(method, case, "mergekit", lambda method=method, params=params:
                                   mm.merge_tensors([base, *models], method, parameters=params,
                                                    base_index=0),
-                                  bytes=one_pass, tensor=base, status="peer", min_repeat=3,
-                                  notes="bf16 arithmetic, stacked deltas")
+                                  bytes=bytes_, tensor=base, status="peer", min_repeat=3,
+                                  memory=memory, notes="bf16 arithmetic, stacked deltas")
             if method == "ties" and peft is not None:
                 def peft_ties():
                     deltas = [m - base for m in models]
                     return base + peft.ties(deltas, torch.ones(N_MODELS, dtype=base.dtype),
                                             DENSITY, "total")
-                bench.case(method, case, "peft.ties", peft_ties, bytes=one_pass, tensor=base,
-                           status="peer", min_repeat=3, notes="deltas formed and added in the timing")
+                bench.case(method, case, "peft.ties", peft_ties, bytes=bytes_, tensor=base,
+                           status="peer", min_repeat=3, memory=memory,
+                           notes="deltas formed and added in the timing")
             for name in backends if do else []:
-                row = bench.case(method, case, name,
-                                 with_backend(name, lambda method=method, opts=opts:
-                                              do.merge_tensors(base, models, method,
-                                                               weights=weights, **opts)),
-                                 bytes=one_pass, tensor=base,
-                                 peer=peer if method != "task_arithmetic" else None,
-                                 target=goal, **slow(name),
-                                 notes="out of place; bytes: one pass over N+1 inputs + output")
+                row = bench.case(method, case, name, ours(name, method, opts),
+                                 bytes=bytes_, tensor=base,
+                                 peer=peer if goal.kind == "speedup" else None,
+                                 target=goal, memory=memory, **slow(name),
+                                 notes="out of place; bytes: one pass over the inputs + output")
                 if name == "cpu" and row.median_ms is not None and args.quick:
-                    got = do.merge_tensors(base, models, method, weights=weights, **opts)
+                    got = ours("cpu", method, opts)()
                     from deltaops.reference.merge import merge_tensors as ref_merge
                     if not torch.equal(got.view(torch.int16),
                                        ref_merge(base, models, method, weights=weights,
                                                  **opts).view(torch.int16)):
                         row.notes = "WRONG: differs from the reference"
+        if do is not None:
+            scaling(bench, do, ours, shape, quick=args.quick)
         bench.copy_reference(base)
     bench.finish()
     return 0

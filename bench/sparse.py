@@ -153,8 +153,15 @@ def bench_device(bench: Bench, do, device: str, shape, quick: bool) -> None:
     for name in backends if do else []:
         bench.case("dare", case, name,
                    with_backend(name, lambda: do.dare(delta, SPARSE_DENSITY, seed=0)),
+                   bytes=dare_bytes, tensor=delta, peer=peer,
+                   notes="out of place: includes allocating (page-faulting) the output",
+                   **slow(name))
+        # Like for like with the copy reference, which writes a preallocated buffer.
+        buffer = torch.empty_like(delta)
+        bench.case("dare", case + " out=", name,
+                   with_backend(name, lambda: do.dare(delta, SPARSE_DENSITY, seed=0, out=buffer)),
                    bytes=dare_bytes, tensor=delta, peer=peer, target=Target("pct_of_copy", 40),
-                   notes="out of place: includes allocating the output", **slow(name))
+                   notes="into a reused buffer (out=), as dst.copy_(src) writes one", **slow(name))
 
     # ---- apply_delta_(weight, delta) dense: read w + d, write w ---------------
     dense_bytes = 3 * n * es

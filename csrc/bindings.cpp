@@ -39,6 +39,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stream"), release(), "fp32 Philox4x32-10 uniforms in [0, 1), shaped like x");
   m.def("dare", &dc::dare, py::arg("delta"), py::arg("density"), py::arg("seed"), py::arg("stream"),
         py::arg("rescale"), release(), "DARE drop (and rescale) of delta, same dtype");
+  m.def("dare_out_", &dc::dare_out_, py::arg("delta"), py::arg("density"), py::arg("seed"),
+        py::arg("stream"), py::arg("rescale"), py::arg("out"), release(),
+        "dare written into out (delta's dtype and shape; out may be delta)");
   m.def("apply_dense_", &dc::apply_dense_, py::arg("weight"), py::arg("delta"), py::arg("alpha"),
         release(), "in place weight += alpha * delta (fp32 math, no FMA, one rounding)");
   m.def("apply_coo_", &dc::apply_coo_, py::arg("weight"), py::arg("indices"), py::arg("values"),
@@ -63,6 +66,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seed"), py::arg("thresholds"), py::arg("out_dtype"), release(),
         "fused merge_tensors for task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, "
         "breadcrumbs_ties (options resolved per model; see csrc/cpu/merge_cpu.h)");
+  m.def("merge_linear", &dc::merge_linear, py::arg("models"), py::arg("weights"),
+        py::arg("normalize"), py::arg("out_dtype"), release(),
+        "merge_tensors' linear method: fma-accumulated weighted sum of the models, "
+        "optionally divided by the fp32 sum of the weights");
   m.def("merge_delta_histogram", &dc::merge_delta_histogram, py::arg("base"), py::arg("model"),
         py::arg("level"), py::arg("prefix"), release(),
         "radix histogram of the magnitude keys of fp32(model) - fp32(base), no delta stored");

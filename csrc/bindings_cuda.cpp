@@ -1,4 +1,4 @@
-// deltaops._C_cuda: the sparse-delta family on CUDA tensors.
+// deltaops._C_cuda: the sparse-delta family and the fused merge on CUDA tensors.
 //
 // Names, signatures and semantics: docs/backend-contract.md; bit-for-bit
 // specification: python/deltaops/reference/sparse.py. Argument names and
@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "cuda/sparse_cuda.cuh"
+#include "cuda/merge_cuda.cuh"
 #include "cuda/lowrank_cuda.cuh"  // low-rank family
 
 namespace py = pybind11;
@@ -29,7 +30,7 @@ auto value_errors(F&& f) -> decltype(f()) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "deltaops CUDA kernels: sparse-delta family (see docs/backend-contract.md)";
+  m.doc() = "deltaops CUDA kernels: sparse-delta family (see docs/backend-contract.md), fused merge";
   using release = py::call_guard<py::gil_scoped_release>;
 
   m.def(
@@ -68,6 +69,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "DARE drop-and-rescale", py::arg("delta"), py::arg("density"), py::arg("seed"),
       py::arg("stream") = 0, py::arg("rescale") = true, release());
   m.def(
+      "dare_out_",
+      [](const at::Tensor& delta, double density, int64_t seed, int64_t stream, bool rescale,
+         at::Tensor& out) {
+        value_errors([&] {
+          dc::dare_out_(delta, density, seed, stream, rescale, out);
+          return 0;
+        });
+      },
+      "dare written into out", py::arg("delta"), py::arg("density"), py::arg("seed"),
+      py::arg("stream"), py::arg("rescale"), py::arg("out"), release());
+  m.def(
       "apply_dense_",
       [](at::Tensor weight, const at::Tensor& delta, double alpha) {
         value_errors([&] { dc::apply_dense_(weight, delta, alpha); });
@@ -90,6 +102,55 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "in place add of values at the set bits of a packed uint8 mask; validates it first",
       py::arg("weight"), py::arg("packed_mask"), py::arg("values"), py::arg("alpha"), release());
 
+  // ---- merge family (csrc/cuda/merge.cu): the fused sign-elect / task-arithmetic merge ----
+  // Same names, arguments and errors as deltaops._C (csrc/bindings.cpp): ValueError and
+  // TypeError for bad input, RuntimeError (c10::Error) for non-CUDA tensors.
+  auto merge_errors = [](auto&& f) -> decltype(f()) {
+    try {
+      return f();
+    } catch (const dc::ValueError& e) {
+      throw py::value_error(e.what());
+    } catch (const dc::TypeError& e) {
+      throw py::type_error(e.what());
+    }
+  };
+  m.def(
+      "merge_sign_elect",
+      [merge_errors](const at::Tensor& base, const std::vector<at::Tensor>& models,
+                     const std::string& method, const std::vector<double>& weights,
+                     const std::vector<double>& densities, const std::vector<double>& gammas,
+                     double lambda, bool normalize, const std::string& rescale,
+                     const std::string& sign_method, int64_t seed,
+                     const std::vector<int64_t>& thresholds, const std::string& out_dtype) {
+        return merge_errors([&] {
+          return dc::merge_sign_elect(base, models, method, weights, densities, gammas, lambda,
+                                      normalize, rescale, sign_method, seed, thresholds, out_dtype);
+        });
+      },
+      "fused merge_tensors for task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, "
+      "breadcrumbs_ties (options resolved per model; see csrc/cpu/merge_cpu.h)",
+      py::arg("base"), py::arg("models"), py::arg("method"), py::arg("weights"),
+      py::arg("densities"), py::arg("gammas"), py::arg("lambda_"), py::arg("normalize"),
+      py::arg("rescale"), py::arg("sign_method"), py::arg("seed"), py::arg("thresholds"),
+      py::arg("out_dtype"), release());
+  m.def(
+      "merge_delta_histogram",
+      [merge_errors](const at::Tensor& base, const at::Tensor& model, int64_t level,
+                     int64_t prefix) {
+        return merge_errors([&] { return dc::merge_delta_histogram(base, model, level, prefix); });
+      },
+      "radix histogram of the magnitude keys of fp32(model) - fp32(base), no delta stored",
+      py::arg("base"), py::arg("model"), py::arg("level"), py::arg("prefix"), release());
+  m.def(
+      "merge_delta_topk",
+      [merge_errors](const at::Tensor& base, const at::Tensor& model,
+                     const std::vector<int64_t>& ks) {
+        return merge_errors([&] { return dc::merge_delta_topk(base, model, ks); });
+      },
+      "(threshold_key, take_equal) per k for the top-k of fp32(model) - fp32(base); "
+      "take_equal -1 means every equal key",
+      py::arg("base"), py::arg("model"), py::arg("ks"), release());
+  // ---- end of the merge family ----
   // ---- low-rank family (csrc/cuda/lowrank.cu; spec: reference/lowrank.py) ----
   m.def(
       "lora_merge_",

@@ -125,6 +125,33 @@ def test_options(method, dtype, threads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("shape", [(1,), (37, 53), (5, 20011)], ids=str)
+def test_linear_matches_reference(n, shape, dtype, threads):
+    """linear (no base): fma accumulation in model order, torch's fp32 weight sum."""
+    base, models = inputs(shape, n, dtype, seed=n)
+    for weights, normalize, out_dtype in (([0.3 + 0.37 * i for i in range(n)], None, None),
+                                          ([1.0, -0.25, 0.6, 0.1, 2.0, 0.7, 0.2, 0.9][:n], False,
+                                           torch.float32),
+                                          (0.7, True, torch.bfloat16)):
+        check(base, models, "linear", f"linear n={n} {weights} {normalize}", weights=weights,
+              normalize=normalize, out_dtype=out_dtype)
+    import deltaops._C as C
+
+    assert backends.resolve("merge_linear", "cpu") is C.merge_linear
+
+
+def test_linear_errors_before_the_kernel():
+    base, models = inputs((4, 4), 2, torch.float32)
+    with pytest.raises(ValueError, match="sum of the weights"):
+        deltaops.merge_tensors(base, models, "linear", weights=[1.0, -1.0])
+    with pytest.raises(ValueError):
+        deltaops.merge_tensors(base, [models[0], models[1][:2]], "linear")
+    with pytest.raises(TypeError):
+        deltaops.merge_tensors(base, [models[0], models[1].half()], "linear")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
 def test_across_chunks(method, dtype, threads):
     """Tensors of several 16384-element chunks: equal-key ranks cross chunk boundaries."""

@@ -301,11 +301,13 @@ def op_samples():
     yield "topk_mask", (f, 20)
     yield "philox_uniform_like", (x, 5, 1)
     yield "dare", (x, 0.4, 5, 0, True)
+    yield "dare_out_", (x, 0.4, 5, 0, True, torch.empty_like(x))
     yield "apply_dense_", (weight, x, 0.5)
     yield "apply_coo_", (weight, torch.tensor([1, 5, 90], dtype=torch.int32), torch.randn(3), 1.0)
     yield "apply_bitmask_", (weight, ref.pack_mask(torch.arange(99) % 7 == 0), torch.randn(15), 1.0)
     yield "merge_sign_elect", (x, [x + 0.01, x - 0.02], "ties", [1.0, 0.5], [0.5, 0.3], [0.01, 0.01],
                                1.0, True, "", "sum", 0, [], "float32")
+    yield "merge_linear", ([x + 0.01, x - 0.02, x], [1.0, 0.5, 0.25], True, "bfloat16")
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -104,6 +104,33 @@ def test_dare(backend, dtype, shape):
 
 
 @KERNEL_BACKENDS
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dare_into_out_and_in_place(backend, dtype):
+    x = make((37, 29), dtype, "special")
+    expected = run_on("reference", deltaops.dare, x, 0.3, seed=77)
+    for density in (0.0, 0.3):
+        out = torch.full_like(x, 5.0)  # stale contents must be overwritten everywhere
+        got = run_on(backend, deltaops.dare, x, density, seed=77, out=out)
+        assert got is out
+        assert_bitwise_equal(out, run_on("reference", deltaops.dare, x, density, seed=77),
+                             f"out= density={density}")
+    in_place = x.clone()
+    run_on(backend, deltaops.dare, in_place, 0.3, seed=77, out=in_place)
+    assert_bitwise_equal(in_place, expected, "out=delta")
+
+
+@KERNEL_BACKENDS
+def test_dare_out_errors_leave_out_untouched(backend):
+    x = make((16, 8), torch.float32)
+    for bad in (torch.zeros(16, 8, dtype=torch.bfloat16), torch.zeros(8, 16),
+                torch.zeros(8, 16).t()):
+        before = bad.clone()
+        with pytest.raises(ValueError, match="out"):
+            run_on(backend, deltaops.dare, x, 0.5, seed=1, out=bad)
+        assert torch.equal(bad, before)
+
+
+@KERNEL_BACKENDS
 def test_dare_keys_on_seed_and_stream(backend):
     x = make((1031,), torch.float32)
     for seed, stream in ((0, 0), (2**63 - 1, 0), (0x1234_5678_9ABC, 3), (7, 2**32 - 1)):

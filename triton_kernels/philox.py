@@ -22,10 +22,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-PHILOX_M0 = 0xD2511F53
-PHILOX_M1 = 0xCD9E8D57
-PHILOX_W0 = 0x9E3779B9
-PHILOX_W1 = 0xBB67AE85
+# tl.constexpr: a @triton.jit function compiled for a GPU may read only constexpr
+# globals (the interpreter reads any, so only a GPU compile shows it).
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
 MASK32 = 0xFFFFFFFF
 SEED_MAX = 2**63 - 1
 

@@ -53,6 +53,7 @@ __all__ = [
     "topk_mask",
     "philox_uniform_like",
     "dare",
+    "dare_out_",
     "apply_dense_",
     "apply_coo_",
     "apply_bitmask_",
@@ -341,20 +342,31 @@ def _dare_kernel(d_ptr, out_ptr, n, density, seed_lo, seed_hi, stream, KIND: tl.
     tl.store(out_ptr + offs, tl.where(keep, kept, 0).to(bits.dtype), mask=valid)
 
 
-def dare(delta: torch.Tensor, density: float, seed: int, stream: int = 0, rescale: bool = True,
-         *, block_size: int | None = None) -> torch.Tensor:
-    """DARE: keep iff ``u < fp32(density)``; kept values ``fp32(d) / fp32(density)`` if rescale."""
+def dare_out_(delta: torch.Tensor, density: float, seed: int, stream: int, rescale: bool,
+              out: torch.Tensor, *, block_size: int | None = None) -> None:
+    """:func:`dare` written into ``out`` (delta's dtype and shape; may be delta itself)."""
     kind = _kind(delta)
+    if out.dtype != delta.dtype or out.shape != delta.shape or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor of delta's dtype and shape")
     block = _block(block_size)
     seed_lo, seed_hi = split_seed(seed)
     density32 = _f32(density)
     n = delta.numel()
-    if n == 0 or not density32 > 0:  # u >= 0: nothing is kept at density 0
-        return torch.zeros(delta.shape, dtype=delta.dtype, device=delta.device)
-    out = torch.empty(delta.shape, dtype=delta.dtype, device=delta.device)
+    if n == 0:
+        return
+    if not density32 > 0:  # u >= 0: nothing is kept at density 0
+        out.zero_()
+        return
     _dare_kernel[_grid(n, block)](_bits(delta), _bits(out), n, density32, seed_lo, seed_hi,
                                   stream_word(stream), KIND=kind, RESCALE=bool(rescale),
                                   NBLOCKS=block // 4, **_LAUNCH)
+
+
+def dare(delta: torch.Tensor, density: float, seed: int, stream: int = 0, rescale: bool = True,
+         *, block_size: int | None = None) -> torch.Tensor:
+    """DARE: keep iff ``u < fp32(density)``; kept values ``fp32(d) / fp32(density)`` if rescale."""
+    out = torch.empty(delta.shape, dtype=delta.dtype, device=delta.device)
+    dare_out_(delta, density, seed, stream, rescale, out, block_size=block_size)
     return out
 
 

@@ -45,7 +45,7 @@
 #include <string>
 
 #include "deltaops/bits.h"
-#include "deltaops/philox.h"
+#include "deltaops/merge.h"  // delta_key, sign_of, agrees, nonzero_or_one, masked_delta, ...
 #include "sparse_cpu.h"
 
 namespace deltaops {
@@ -80,9 +80,95 @@ int64_t num_slots(int64_t nchunks) {
   return std::max<int64_t>(1, std::min<int64_t>(threads, nchunks));
 }
 
-inline uint32_t delta_key(float d) { return f32_bits(d) & 0x7FFFFFFFu; }
+// ---- vector helpers (AVX2 is in the x86-64-v3 baseline) ------------------------------
+
+#if defined(__AVX2__)
+// Eight elements widened to fp32, exactly as load_f32 does one.
+inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_f32(const bf16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8_f32(const fp16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// delta_key of eight deltas fp32(m) - fp32(b).
+template <typename T>
+inline __m256i delta_keys8(const T* b, const T* m) {
+  const __m256 d = _mm256_sub_ps(load8_f32(m), load8_f32(b));
+  return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7FFFFFFF));
+}
+#endif
 
 // ---- pass 1: histograms of delta keys ---------------------------------------------
+
+// Level 0: bins of key >> 16 over [begin, end); returns whether a NaN delta was seen.
+// The keys are formed eight at a time into a small buffer, then counted: the
+// increments are the only scalar work left.
+template <typename T>
+bool histogram_level0(const T* b, const T* m, int64_t begin, int64_t end, uint32_t* h) {
+  int64_t j = begin;
+  uint32_t nan_seen = 0;
+#if defined(__AVX2__)
+  alignas(32) uint32_t bins[kBlock];
+  const __m256i inf = _mm256_set1_epi32(0x7F800000);
+  __m256i nan_acc = _mm256_setzero_si256();
+  for (; j + kBlock <= end; j += kBlock) {
+    for (int k = 0; k < kBlock; k += 8) {
+      const __m256i key = delta_keys8(b + j + k, m + j + k);
+      nan_acc = _mm256_or_si256(nan_acc, _mm256_cmpgt_epi32(key, inf));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bins + k), _mm256_srli_epi32(key, 16));
+    }
+    for (int k = 0; k < kBlock; ++k) ++h[bins[k]];
+  }
+  nan_seen = static_cast<uint32_t>(!_mm256_testz_si256(nan_acc, nan_acc));
+#endif
+  for (; j < end; ++j) {
+    const uint32_t key = delta_key(load_f32(m[j]) - load_f32(b[j]));
+    nan_seen |= key > 0x7F800000u;
+    ++h[key >> 16];
+  }
+  return nan_seen != 0;
+}
+
+// Level 1: bins of key & 0xFFFF among the keys with key >> 16 == prefix (a small
+// fraction: the vector compare skips the rest eight at a time).
+template <typename T>
+void histogram_level1(const T* b, const T* m, int64_t begin, int64_t end, uint32_t prefix,
+                      uint32_t* h) {
+  int64_t j = begin;
+#if defined(__AVX2__)
+  const __m256i want = _mm256_set1_epi32(static_cast<int>(prefix));
+  alignas(32) uint32_t keys[8];
+  for (; j + 8 <= end; j += 8) {
+    const __m256i key = delta_keys8(b + j, m + j);
+    const int hit = _mm256_movemask_ps(
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srli_epi32(key, 16), want)));
+    if (hit == 0) continue;
+    _mm256_store_si256(reinterpret_cast<__m256i*>(keys), key);
+    for (int bits = hit; bits; bits &= bits - 1) ++h[keys[__builtin_ctz(bits)] & 0xFFFFu];
+  }
+#endif
+  for (; j < end; ++j) {
+    const uint32_t key = delta_key(load_f32(m[j]) - load_f32(b[j]));
+    if ((key >> 16) == prefix) ++h[key & 0xFFFFu];
+  }
+}
+
+// The number of keys equal to `key` in [begin, end).
+template <typename T>
+int64_t count_equal_keys(const T* b, const T* m, int64_t begin, int64_t end, uint32_t key) {
+  int64_t j = begin, count = 0;
+#if defined(__AVX2__)
+  const __m256i want = _mm256_set1_epi32(static_cast<int>(key));
+  for (; j + 8 <= end; j += 8) {
+    const __m256i eq = _mm256_cmpeq_epi32(delta_keys8(b + j, m + j), want);
+    count += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(eq))));
+  }
+#endif
+  for (; j < end; ++j) count += delta_key(load_f32(m[j]) - load_f32(b[j])) == key;
+  return count;
+}
 
 template <typename T>
 bool delta_histogram(const T* b, const T* m, int64_t n, int level, uint32_t prefix, int64_t* out) {
@@ -97,18 +183,9 @@ bool delta_histogram(const T* b, const T* m, int64_t n, int level, uint32_t pref
     if (h.empty()) h.assign(bins, 0u);
     const int64_t begin = c * kChunk * 16, end = std::min(n, begin + kChunk * 16);
     if (level == 0) {
-      uint32_t nan_seen = 0;
-      for (int64_t j = begin; j < end; ++j) {
-        const uint32_t key = delta_key(load_f32(m[j]) - load_f32(b[j]));
-        nan_seen |= key > 0x7F800000u;
-        ++h[key >> 16];
-      }
-      if (nan_seen) nan[slot] = 1;
+      if (histogram_level0(b, m, begin, end, h.data())) nan[slot] = 1;
     } else {
-      for (int64_t j = begin; j < end; ++j) {
-        const uint32_t key = delta_key(load_f32(m[j]) - load_f32(b[j]));
-        if ((key >> 16) == prefix) ++h[key & 0xFFFFu];
-      }
+      histogram_level1(b, m, begin, end, prefix, h.data());
     }
   });
   // uint32 counts: n < 2^32 per call is checked by the caller.
@@ -237,79 +314,11 @@ inline void select_block(SelState& s, const uint32_t* __restrict keys, int len, 
   }
 }
 
-// ---- Philox words of a block of elements ------------------------------------------
-// words[4 b + e] = output e of Philox block q0 + b, b in [0, nblocks). With AVX2
-// (the baseline ISA), eight blocks per vector: deltaops/philox.h's algorithm step
-// for step (32x32 -> 64 products split into mulhi/mullo); the tests compare the
-// keep decisions with the reference's. The low counter word never wraps inside
-// a call (tensors have fewer than 2^31 elements, so q0 + nblocks < 2^30).
-#if defined(__AVX2__)
-inline __m256i mulhi_epu32(__m256i a, __m256i m) {
-  const __m256i even = _mm256_mul_epu32(a, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-#endif
-
-void philox_words(uint32_t* __restrict words, uint64_t q0, int nblocks, uint32_t stream, uint64_t seed) {
-  int b = 0;
-#if defined(__AVX2__)
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (; b + 16 <= nblocks; b += 16) {
-    const uint64_t q = q0 + static_cast<uint64_t>(b);
-    __m256i a0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))), lanes);
-    __m256i b0 = _mm256_add_epi32(a0, _mm256_set1_epi32(8));
-    __m256i a1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32))), b1 = a1;
-    __m256i a2 = _mm256_set1_epi32(static_cast<int>(stream)), b2 = a2;
-    __m256i a3 = _mm256_setzero_si256(), b3 = a3;
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int r = 0; r < 10; ++r) {
-      const __m256i vk0 = _mm256_set1_epi32(static_cast<int>(k0));
-      const __m256i vk1 = _mm256_set1_epi32(static_cast<int>(k1));
-      const __m256i ahi0 = mulhi_epu32(a0, m0), alo0 = _mm256_mullo_epi32(a0, m0);
-      const __m256i ahi1 = mulhi_epu32(a2, m1), alo1 = _mm256_mullo_epi32(a2, m1);
-      const __m256i bhi0 = mulhi_epu32(b0, m0), blo0 = _mm256_mullo_epi32(b0, m0);
-      const __m256i bhi1 = mulhi_epu32(b2, m1), blo1 = _mm256_mullo_epi32(b2, m1);
-      a0 = _mm256_xor_si256(_mm256_xor_si256(ahi1, a1), vk0);
-      a2 = _mm256_xor_si256(_mm256_xor_si256(ahi0, a3), vk1);
-      a1 = alo1;
-      a3 = alo0;
-      b0 = _mm256_xor_si256(_mm256_xor_si256(bhi1, b1), vk0);
-      b2 = _mm256_xor_si256(_mm256_xor_si256(bhi0, b3), vk1);
-      b1 = blo1;
-      b3 = blo0;
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    alignas(32) uint32_t t[8][8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[0]), a0);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[1]), a1);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[2]), a2);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[3]), a3);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[4]), b0);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[5]), b1);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[6]), b2);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t[7]), b3);
-    uint32_t* w = words + 4 * b;
-    for (int l = 0; l < 8; ++l)
-      for (int e = 0; e < 4; ++e) {
-        w[4 * l + e] = t[e][l];
-        w[32 + 4 * l + e] = t[4 + e][l];
-      }
-  }
-#endif
-  for (; b < nblocks; ++b) {
-    const Philox4 r = philox_block(seed, stream, q0 + static_cast<uint64_t>(b));
-    for (int e = 0; e < 4; ++e) words[4 * b + e] = r.v[e];
-  }
-}
-
 // Per-thread scratch of one block.
 struct Scratch {
   std::vector<float> bf, d, masked, div, x;  // x: N * kBlock
-  std::vector<uint32_t> keys, words;
+  std::vector<uint32_t> keys;
+  std::vector<float> uniforms;
   std::vector<uint8_t> keep, drop;
   std::vector<SelState> states;  // 2 per model
   void init(int nmodels) {
@@ -320,7 +329,7 @@ struct Scratch {
     div.resize(kBlock);
     x.resize(static_cast<size_t>(nmodels) * kBlock);
     keys.resize(kBlock);
-    words.resize(kBlock);
+    uniforms.resize(kBlock);
     keep.resize(kBlock);
     drop.resize(kBlock);
     states.resize(2 * static_cast<size_t>(nmodels));
@@ -372,9 +381,11 @@ void sparsify_block(const Plan& plan, int i, const T* __restrict m, int64_t j0, 
       const float p = cfg.p;
       const uint32_t stream = static_cast<uint32_t>(i);
       // j0 is a multiple of 4 (chunks and blocks are).
-      uint32_t* __restrict words = sc.words.data();
-      philox_words(words, static_cast<uint64_t>(j0) >> 2, (len + 3) / 4, stream, plan.seed);
-      for (int k = 0; k < len; ++k) keep[k] = keep_from_word(words[k], p);
+      // The uniforms of deltaops.dare (same keying), from the sparse family's
+      // kernel table: AVX-512 where the CPU has it.
+      float* __restrict u = sc.uniforms.data();
+      philox_uniform_block(u, j0, j0 + len, plan.seed, stream);
+      for (int k = 0; k < len; ++k) keep[k] = u[k] < p;
       break;
     }
   }
@@ -383,7 +394,7 @@ void sparsify_block(const Plan& plan, int i, const T* __restrict m, int64_t j0, 
     const float p = cfg.p;
     for (int k = 0; k < len; ++k) out[k] = keep[k] ? d[k] / p : 0.0f;
   } else {
-    for (int k = 0; k < len; ++k) out[k] = d[k] * static_cast<float>(keep[k]);
+    for (int k = 0; k < len; ++k) out[k] = masked_delta(d[k], keep[k]);
   }
 }
 
@@ -427,11 +438,8 @@ void count_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
   for_chunks(nc, unused, [&](int64_t, int64_t c) {
     const int64_t begin = c * kChunk, end = std::min(plan.n, begin + kChunk);
     for (const Item& it : items) {
-      const T* m = ms[it.model];
-      int64_t count = 0;
-      for (int64_t j = begin; j < end; ++j)
-        count += delta_key(load_f32(m[j]) - load_f32(b[j])) == it.key;
-      plan.before[static_cast<size_t>(it.index) * (nc + 1) + c + 1] = count;
+      plan.before[static_cast<size_t>(it.index) * (nc + 1) + c + 1] =
+          count_equal_keys(b, ms[it.model], begin, end, it.key);
     }
   });
   for (int q = 0; q < plan.ncounted; ++q) {
@@ -520,24 +528,37 @@ struct MergeOpts {
   float lambda;
 };
 
-// sign(x) as torch computes it for non-NaN x (+1, -1, 0); written as a difference of
-// compares so that it vectorizes.
-inline float sign_of(float x) { return static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f); }
-// 1.0f where sign(x) == elected (elected = +-1), else 0.0f: x nonzero with the sign
-// bit of elected (zeros never agree).
-// Integer ops only (the compiler does not if-convert float compares here).
-inline float agrees(float x, float elected) {
-  const uint32_t ux = f32_bits(x), ue = f32_bits(elected);
-  const uint32_t nonzero = static_cast<uint32_t>((ux & 0x7FFFFFFFu) != 0u);
-  const uint32_t same = static_cast<uint32_t>(((ux ^ ue) >> 31) == 0u);
-  return f32_from_bits((0u - (nonzero & same)) & 0x3F800000u);
-}
+// sign_of, agrees, nonzero_or_one: deltaops/merge.h (shared with the CUDA kernel).
 
-// d, or 1.0f where d == +-0 (integer select: vectorizes).
-inline float nonzero_or_one(float d) {
-  const uint32_t u = f32_bits(d);
-  const uint32_t zero = 0u - static_cast<uint32_t>((u & 0x7FFFFFFFu) == 0u);
-  return f32_from_bits((u & ~zero) | (0x3F800000u & zero));
+// The task-arithmetic mix of a block when every model is dense and no sign is
+// elected: res = bf + lambda * ((sum_i (m_i - bf) * w_i) / divisor), the
+// reference's operations in its order, kept in registers eight elements at a time
+// (the buffered per-model loops of merge_pass cost more than the memory traffic).
+template <typename T>
+void dense_mix_block(const MergeOpts& o, const float* __restrict w, const T* const* ms, int N,
+                     const T* __restrict b, int64_t j0, int len, float* __restrict res) {
+  int k = 0;
+#if defined(__AVX2__)
+  const __m256 divisor = _mm256_set1_ps(o.divisor), lambda = _mm256_set1_ps(o.lambda);
+  for (; k + 8 <= len; k += 8) {
+    const __m256 bf = load8_f32(b + j0 + k);
+    __m256 mixed = _mm256_mul_ps(_mm256_sub_ps(load8_f32(ms[0] + j0 + k), bf), _mm256_set1_ps(w[0]));
+    for (int i = 1; i < N; ++i)
+      mixed = _mm256_add_ps(
+          mixed, _mm256_mul_ps(_mm256_sub_ps(load8_f32(ms[i] + j0 + k), bf), _mm256_set1_ps(w[i])));
+    if (o.normalize) mixed = _mm256_div_ps(mixed, divisor);
+    if (o.apply_lambda) mixed = _mm256_mul_ps(mixed, lambda);
+    _mm256_storeu_ps(res + k, _mm256_add_ps(bf, mixed));
+  }
+#endif
+  for (; k < len; ++k) {
+    const float bf = load_f32(b[j0 + k]);
+    float mixed = (load_f32(ms[0][j0 + k]) - bf) * w[0];
+    for (int i = 1; i < N; ++i) mixed = mixed + (load_f32(ms[i][j0 + k]) - bf) * w[i];
+    if (o.normalize) mixed = mixed / o.divisor;
+    if (o.apply_lambda) mixed = mixed * o.lambda;
+    res[k] = bf + mixed;
+  }
 }
 
 template <typename T, typename O>
@@ -545,6 +566,12 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
                 O* out) {
   const int64_t nc = plan.nchunks;
   const int N = plan.nmodels;
+  std::vector<float> weights(N);
+  bool all_dense = true;
+  for (int i = 0; i < N; ++i) {
+    weights[i] = plan.cfg[i].w;
+    all_dense = all_dense && plan.cfg[i].mode == kDense;
+  }
   std::vector<Scratch> scratch(num_slots(nc));
   int64_t unused;
   for_chunks(nc, unused, [&](int64_t slot, int64_t c) {
@@ -554,6 +581,13 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
     const int64_t begin = c * kChunk, end = std::min(plan.n, begin + kChunk);
     for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
       const int len = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
+      if (all_dense && !o.consensus) {
+        float* __restrict res = sc.masked.data();
+        dense_mix_block(o, weights.data(), ms.data(), N, b, j0, len, res);
+        O* __restrict o_ = out + j0;
+        for (int k = 0; k < len; ++k) o_[k] = store_from_f32<O>(res[k]);
+        continue;
+      }
       float* __restrict bf = sc.bf.data();
       load_base(b, j0, len, bf);
       for (int i = 0; i < N; ++i) {
@@ -641,29 +675,46 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
   });
 }
 
-// ---- argument handling ------------------------------------------------------------
+// ---- linear: a weighted average of the models (no base) ----------------------------
 
-// As sparse_cpu.cpp's new_output: large outputs advised as transparent huge
-// pages before the first touch (4 KiB first-touch faults otherwise cost about
-// as much as the merge of task_arithmetic). DELTAOPS_CPU_THP=0 turns it off.
-void advise_huge_pages(at::Tensor& out) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool enabled = [] {
-    const char* env = std::getenv("DELTAOPS_CPU_THP");
-    return !(env && std::string(env) == "0");
-  }();
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const size_t bytes = out.nbytes();
-  if (bytes >= (size_t(8) << 20) && enabled) {
-    const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (start + bytes) & ~(kHuge - 1);
-    if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#else
-  (void)out;
+// acc = fma(fp32(m_i), w_i, acc) from acc = +0 in model order (mergekit's addcmul_,
+// one rounding per model), then acc / divisor when normalizing; one rounding to O.
+template <typename T, typename O>
+void linear_pass(const std::vector<const T*>& ms, const std::vector<float>& w, bool normalize,
+                 float divisor, int64_t n, O* out) {
+  const int N = static_cast<int>(ms.size());
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<std::vector<float>> scratch(num_slots(nchunks));
+  int64_t unused;
+  for_chunks(nchunks, unused, [&](int64_t slot, int64_t c) {
+    std::vector<float>& res = scratch[slot];
+    if (res.empty()) res.resize(kBlock);
+    const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+    for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+      const int len = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
+      float* __restrict r = res.data();
+      int k = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; k + 8 <= len; k += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < N; ++i)
+          acc = _mm256_fmadd_ps(load8_f32(ms[i] + j0 + k), _mm256_set1_ps(w[i]), acc);
+        if (normalize) acc = _mm256_div_ps(acc, _mm256_set1_ps(divisor));
+        _mm256_storeu_ps(r + k, acc);
+      }
 #endif
+      for (; k < len; ++k) {
+        float acc = 0.0f;
+        for (int i = 0; i < N; ++i) acc = std::fma(load_f32(ms[i][j0 + k]), w[i], acc);
+        r[k] = normalize ? acc / divisor : acc;
+      }
+      O* __restrict o_ = out + j0;
+      for (int q = 0; q < len; ++q) o_[q] = store_from_f32<O>(r[q]);
+    }
+  });
 }
+
+// ---- argument handling ------------------------------------------------------------
 
 int dtype_code_of(at::ScalarType s) {
   switch (s) {
@@ -789,8 +840,7 @@ at::Tensor run(const at::Tensor& base, const std::vector<at::Tensor>& models, co
   for (int i = 0; i < plan.nmodels; ++i) div = i == 0 ? plan.cfg[i].w : div + plan.cfg[i].w;
   o.divisor = std::fabs(div) < 1e-8f ? 1.0f : div;
 
-  at::Tensor out = at::empty(base.sizes(), base.options().dtype(odt));
-  advise_huge_pages(out);
+  at::Tensor out = new_output(base.sizes(), base.options().dtype(odt));
   switch (odt) {
     case at::kFloat: merge_pass(plan, o, b, ms, static_cast<float*>(out.data_ptr())); break;
     case at::kBFloat16: merge_pass(plan, o, b, ms, static_cast<bf16_t*>(out.data_ptr())); break;
@@ -843,6 +893,43 @@ at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor
       return run<fp16_t>(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
                          sign_method, seed, thresholds, odt);
   }
+}
+
+at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                        bool normalize, const std::string& out_dtype) {
+  const size_t n = models.size();
+  if (n == 0) throw ValueError("models must hold at least one tensor");
+  if (weights.size() != n) throw ValueError("merge_linear: one weight per model");
+  const at::Tensor& first = models[0];
+  check_cpu(first, "models[0]");
+  for (const at::Tensor& m : models) {
+    check_pair(first, m);
+    if (!m.sizes().equals(first.sizes())) throw ValueError("models must share one shape");
+  }
+  const at::ScalarType odt = out_type(out_dtype);
+  std::vector<float> w(weights.begin(), weights.end());
+  // The divisor exactly as the reference takes it: torch's fp32 sum of the weights
+  // (its summation order is torch's, not necessarily left to right).
+  const float divisor = at::tensor(w).sum().item<float>();
+  at::Tensor out = new_output(first.sizes(), first.options().dtype(odt));
+  const int64_t numel = first.numel();
+  if (numel == 0) return out;
+  auto dispatch = [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<const T*> ms;
+    for (const at::Tensor& m : models) ms.push_back(static_cast<const T*>(m.data_ptr()));
+    switch (odt) {
+      case at::kFloat: linear_pass(ms, w, normalize, divisor, numel, static_cast<float*>(out.data_ptr())); break;
+      case at::kBFloat16: linear_pass(ms, w, normalize, divisor, numel, static_cast<bf16_t*>(out.data_ptr())); break;
+      default: linear_pass(ms, w, normalize, divisor, numel, static_cast<fp16_t*>(out.data_ptr())); break;
+    }
+  };
+  switch (first.scalar_type()) {
+    case at::kFloat: dispatch(float{}); break;
+    case at::kBFloat16: dispatch(bf16_t{}); break;
+    default: dispatch(fp16_t{}); break;
+  }
+  return out;
 }
 
 at::Tensor merge_delta_histogram(const at::Tensor& base, const at::Tensor& model, int64_t level,

@@ -33,6 +33,12 @@ at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor
                             const std::string& sign_method, int64_t seed,
                             const std::vector<int64_t>& thresholds, const std::string& out_dtype);
 
+// merge_tensors(base, models, "linear"): sum_i fma(fp32(m_i), w_i, .) in model order,
+// divided by torch's fp32 sum of the weights when normalize (the Python layer
+// rejects a zero sum), rounded once to out_dtype. The base is not used.
+at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                        bool normalize, const std::string& out_dtype);
+
 // Radix histogram (as radix_histogram of an fp32 tensor) of the magnitude keys
 // of fp32(model) - fp32(base), computed on the fly (no delta is stored).
 at::Tensor merge_delta_histogram(const at::Tensor& base, const at::Tensor& model, int64_t level,

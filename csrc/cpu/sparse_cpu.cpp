@@ -172,32 +172,13 @@ constexpr int64_t kMaskChunk = 1 << 16;          // elements
 constexpr int64_t kBitmaskChunkBytes = 1 << 13;  // bytes = 65536 elements
 constexpr int64_t kCooChunk = 1 << 16;           // indices
 
-// A fresh output tensor. Large outputs are advised as transparent huge pages
-// before their first touch (as torch does under THP_MEM_ALLOC_ENABLE=1):
-// first-touch faults of 4 KiB pages otherwise cost more than the kernel
-// itself (several times over in a VM). Purely a performance hint;
-// DELTAOPS_CPU_THP=0 turns it off.
+// Whether new_output may advise huge pages (DELTAOPS_CPU_THP=0: no).
 bool advise_huge_pages() {
   static const bool enabled = [] {
     const char* env = std::getenv("DELTAOPS_CPU_THP");
     return !(env && std::string(env) == "0");
   }();
   return enabled;
-}
-
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const size_t bytes = out.nbytes();
-  if (bytes >= (size_t(8) << 20) && advise_huge_pages()) {
-    const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (start + bytes) & ~(kHuge - 1);
-    if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
 }
 
 // ---- histograms ----------------------------------------------------------------------
@@ -349,6 +330,26 @@ void fill_bool(at::Tensor& out, bool value) {
 
 }  // namespace
 
+// A fresh output tensor. Large outputs are advised as transparent huge pages
+// before their first touch (as torch does under THP_MEM_ALLOC_ENABLE=1):
+// first-touch faults of 4 KiB pages otherwise cost more than the kernel
+// itself (several times over in a VM). Purely a performance hint;
+// DELTAOPS_CPU_THP=0 turns it off.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = out.nbytes();
+  if (bytes >= (size_t(8) << 20) && advise_huge_pages()) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (start + bytes) & ~(kHuge - 1);
+    if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
 // ================================ public functions ================================
 
 at::Tensor radix_histogram(const at::Tensor& x, int64_t level, int64_t prefix) {
@@ -431,17 +432,28 @@ at::Tensor philox_uniform_like(const at::Tensor& x, int64_t seed, int64_t stream
   return out;
 }
 
-at::Tensor dare(const at::Tensor& delta, double density, int64_t seed, int64_t stream, bool rescale) {
+void dare_out_(const at::Tensor& delta, double density, int64_t seed, int64_t stream, bool rescale,
+               at::Tensor& out) {
   check_tensor(delta, "delta");
+  check_tensor(out, "out");
   const DTypeCode dt = dtype_code(delta, "delta");
+  if (out.scalar_type() != delta.scalar_type())
+    throw ValueError("out must have delta's dtype");
+  if (!out.sizes().equals(delta.sizes())) throw ValueError("out must have delta's shape");
   const uint64_t s = checked_seed(seed);
   const uint32_t st = static_cast<uint32_t>(stream);
   const float p = static_cast<float>(density);
-  at::Tensor out = new_output(delta.sizes(), delta.options());
   const void* d = delta.data_ptr();
   void* o = out.data_ptr();
   auto fn = K().dare[dt][rescale ? 1 : 0];
   parallel_chunks(delta.numel(), kChunk, [&](int64_t b, int64_t e) { fn(d, o, b, e, s, st, p); });
+}
+
+at::Tensor dare(const at::Tensor& delta, double density, int64_t seed, int64_t stream, bool rescale) {
+  check_tensor(delta, "delta");
+  dtype_code(delta, "delta");
+  at::Tensor out = new_output(delta.sizes(), delta.options());
+  dare_out_(delta, density, seed, stream, rescale, out);
   return out;
 }
 
@@ -569,6 +581,10 @@ void apply_bitmask_(at::Tensor& weight, const at::Tensor& packed_mask, const at:
       fn(w, packed, v, kept, c * chunk_elems, std::min(n, (c + 1) * chunk_elems), before[c], a);
     }
   });
+}
+
+void philox_uniform_block(float* out, int64_t begin, int64_t end, uint64_t seed, uint32_t stream) {
+  K().philox_uniform(out - begin, begin, end, seed, stream);  // the kernel indexes absolutely
 }
 
 at::Tensor philox_uniform_range(int64_t first, int64_t count, int64_t seed, int64_t stream) {

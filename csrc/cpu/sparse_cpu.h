@@ -31,6 +31,19 @@ at::Tensor topk_mask(const at::Tensor& x, int64_t k);
 
 at::Tensor philox_uniform_like(const at::Tensor& x, int64_t seed, int64_t stream);
 at::Tensor dare(const at::Tensor& delta, double density, int64_t seed, int64_t stream, bool rescale);
+// dare written into out (delta's dtype and shape, contiguous; out may be delta itself).
+void dare_out_(const at::Tensor& delta, double density, int64_t seed, int64_t stream, bool rescale,
+               at::Tensor& out);
+
+// The philox_uniform_like values of flat elements [begin, end) into out[0, end - begin),
+// from the kernel table in use (merge_cpu's random drops share dare's draws).
+void philox_uniform_block(float* out, int64_t begin, int64_t end, uint64_t seed, uint32_t stream);
+
+// A contiguous empty tensor for a kernel's output; large ones are advised as
+// transparent huge pages before the first touch (4 KiB first-touch faults
+// otherwise cost about as much as a bandwidth-bound kernel). DELTAOPS_CPU_THP=0
+// turns the advice off.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 void apply_dense_(at::Tensor& weight, const at::Tensor& delta, double alpha);
 void apply_coo_(at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values, double alpha);

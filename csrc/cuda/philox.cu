@@ -72,14 +72,17 @@ at::Tensor philox_uniform_like(const at::Tensor& x, int64_t seed, int64_t stream
   return out;
 }
 
-at::Tensor dare(const at::Tensor& delta, double density, int64_t seed, int64_t stream,
-                bool rescale) {
+void dare_out_(const at::Tensor& delta, double density, int64_t seed, int64_t stream, bool rescale,
+               at::Tensor& out) {
   check_input(delta, "dare", "delta");
+  check_input(out, "dare", "out");
+  if (out.scalar_type() != delta.scalar_type()) throw ValueError("out must have delta's dtype");
+  if (!out.sizes().equals(delta.sizes())) throw ValueError("out must have delta's shape");
+  if (out.device() != delta.device()) throw ValueError("out must be on delta's device");
   if (seed < 0) throw ValueError("seed must be in [0, 2**63), got " + std::to_string(seed));
   c10::cuda::CUDAGuard guard(delta.device());
-  at::Tensor out = at::empty_like(delta, at::MemoryFormat::Contiguous);
   const int64_t n = delta.numel();
-  if (n == 0) return out;
+  if (n == 0) return;
   const float density32 = static_cast<float>(density);  // fp32(density), nearest-even
   dispatch_float(delta.scalar_type(), "dare", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -92,6 +95,13 @@ at::Tensor dare(const at::Tensor& delta, double density, int64_t seed, int64_t s
                                                           static_cast<uint32_t>(stream), rescale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor dare(const at::Tensor& delta, double density, int64_t seed, int64_t stream,
+                bool rescale) {
+  check_input(delta, "dare", "delta");
+  at::Tensor out = at::empty_like(delta, at::MemoryFormat::Contiguous);
+  dare_out_(delta, density, seed, stream, rescale, out);
   return out;
 }
 

@@ -26,6 +26,9 @@ at::Tensor topk_mask(const at::Tensor& x, int64_t k);
 at::Tensor philox_uniform_like(const at::Tensor& x, int64_t seed, int64_t stream);
 at::Tensor dare(const at::Tensor& delta, double density, int64_t seed, int64_t stream,
                 bool rescale);
+// dare written into out (delta's dtype, shape and device; out may be delta itself).
+void dare_out_(const at::Tensor& delta, double density, int64_t seed, int64_t stream, bool rescale,
+               at::Tensor& out);
 
 void apply_dense_(at::Tensor& weight, const at::Tensor& delta, double alpha);
 void apply_coo_(at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values,

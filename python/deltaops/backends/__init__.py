@@ -36,7 +36,8 @@ DEVICES = {"reference": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cuda", "cp
 
 # Python modules whose public functions make up each Python-level backend.
 _REFERENCE_MODULES = ("deltaops.reference.sparse", "deltaops.reference.lowrank")
-_TRITON_MODULES = ("deltaops.triton_kernels.sparse", "deltaops.triton_kernels.lowrank")
+_TRITON_MODULES = ("deltaops.triton_kernels.sparse", "deltaops.triton_kernels.merge",
+                   "deltaops.triton_kernels.lowrank")
 
 _selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("deltaops_backend",
                                                                        default=None)

@@ -6,15 +6,20 @@ methods (:data:`FUSED_METHODS`) go through the custom op
 ``torch.ops.deltaops.merge_sign_elect``, whose CPU kernel
 (``deltaops._C.merge_sign_elect``) makes one fused pass over the elements
 after its selection pre-passes (histogram thresholds, equal-key counts, and the
-norms of a rescale), with no per-model temporaries of the tensor's size. The
-other methods (linear, della*, slerp, model_stock, sce), CUDA tensors and the
-``reference``/``triton``/``cuda`` backends run the reference.
+norms of a rescale), with no per-model temporaries of the tensor's size; the
+``triton`` backend (``deltaops.triton_kernels.merge``, CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1``) and the ``cuda`` backend
+(``deltaops._C_cuda.merge_sign_elect``) run the same plan on the GPU.
+``linear`` goes through ``torch.ops.deltaops.merge_linear`` (one fused pass;
+CPU kernel only so far: the triton and cuda backends run its reference). The
+other methods (della*, slerp, model_stock, sce) and the ``reference`` backend
+run the reference.
 
-Exactness: the kernel is bit-exact against the reference except for
-``rescale`` ``"l1"``/``"l2"`` (the default of dare_*): the reference takes the
-norms from torch's fp32 reductions, whose order is not pinned; the kernel sums
-in double per fixed chunk, so its scale factors (and results) agree within a
-few ulps.
+Exactness: the kernels are bit-exact against the reference (and each other)
+except for ``rescale`` ``"l1"``/``"l2"`` (the default of dare_*): the reference
+takes the norms from torch's fp32 reductions, whose order is not pinned; the
+CPU kernel sums in double per fixed chunk, the GPU kernels in double per tile,
+so their scale factors (and results) agree within a few ulps.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = ["METHODS", "FUSED_METHODS", "merge_tensors", "topk_thresholds"]
 
 FUSED_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                  "breadcrumbs_ties")
+# "linear" has its own kernel (deltaops::merge_linear): a weighted average, no base.
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
@@ -111,8 +117,37 @@ merge_sign_elect_op = define("merge_sign_elect", _merge_sign_elect, _merge_sign_
 backends.get("reference").table.setdefault("merge_sign_elect", _merge_sign_elect)
 
 
-def _use_fused(base: Tensor) -> bool:
-    return base.device.type == "cpu" and backends.selected() in ("auto", "cpu")
+def _merge_linear(models: list[Tensor], weights: list[float], normalize: bool,
+                  out_dtype: str) -> Tensor:
+    return ref.linear(models, list(weights), normalize, _DTYPES[out_dtype])
+
+
+def _merge_linear_fake(models, weights, normalize, out_dtype):
+    return torch.empty(models[0].shape, dtype=_DTYPES[out_dtype], device=models[0].device)
+
+
+merge_linear_op = define("merge_linear", _merge_linear, _merge_linear_fake)
+backends.get("reference").table.setdefault("merge_linear", _merge_linear)
+
+
+def _use_fused(op: str) -> bool:
+    """Whether ``merge_tensors`` calls the custom op ``op`` (else the reference directly).
+
+    Every backend but the reference calls it; the op then resolves the backend
+    (:func:`deltaops.backends.resolve`): ``auto`` picks ``cpu`` on CPU tensors,
+    ``cuda``, then ``triton``, then the reference on CUDA tensors; an explicit
+    backend that cannot run here raises ``BackendUnavailableError`` (triton on
+    CPU tensors needs ``TRITON_INTERPRET=1``). An explicit, usable backend
+    without a kernel for ``op`` (merge_linear on triton or cuda) runs the
+    reference, as before that kernel existed.
+    """
+    choice = backends.selected()
+    if choice == "reference":
+        return False
+    if choice == "auto":
+        return True
+    backend = backends.get(choice)
+    return not backend.usable or op in backend.table
 
 
 # ---- public API -----------------------------------------------------------------------
@@ -125,18 +160,24 @@ def merge_tensors(base: Tensor, models, method: str, *, weights=None, density=1.
                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Merge ``models`` (fine-tunes of ``base``) into one tensor: see
     :func:`deltaops.reference.merge.merge_tensors` (the specification, options,
-    errors). The methods in :data:`FUSED_METHODS` run the fused kernel on CPU
-    tensors (backend ``cpu`` or ``auto``)."""
+    errors). The methods in :data:`FUSED_METHODS` run the fused kernel of the
+    selected backend (``cpu``, ``triton`` or ``cuda``; ``auto`` picks by device)."""
     given = {"weights": weights, "density": density, "lambda_": lambda_, "normalize": normalize,
              "rescale": rescale, "sign_method": sign_method, "gamma": gamma,
              "epsilon": epsilon, "thresholds": thresholds}
-    if method not in FUSED_METHODS or not isinstance(base, Tensor) or not _use_fused(base):
+    fused = method in FUSED_METHODS or method == "linear"
+    op = "merge_linear" if method == "linear" else "merge_sign_elect"
+    if not fused or not isinstance(base, Tensor) or not _use_fused(op):
         return ref.merge_tensors(base, models, method, seed=seed, out_dtype=out_dtype, **given)
     models, out_dtype = ref.check_call(base, models, method, out_dtype, given)
     n = len(models)
     if base.numel() == 0:
         ref._per_model("weights", weights, n, 1.0)  # still validate
         return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    if method == "linear":
+        weights, normalize = ref.linear_options(n, weights, normalize)
+        return merge_linear_op([m.contiguous() for m in models], [float(w) for w in weights],
+                               normalize, _DTYPE_NAMES[out_dtype])
     options = ref.task_arithmetic_options(method, n, seed=seed, **given)
     spec = ref.TASK_ARITHMETIC[method]
     flat = encode_thresholds(None if thresholds is None else options["thresholds"],

@@ -47,6 +47,11 @@ def _dare(delta: Tensor, density: float, seed: int, stream: int, rescale: bool) 
     return ref.dare(delta, density, seed, stream, rescale)
 
 
+def _dare_out_(delta: Tensor, density: float, seed: int, stream: int, rescale: bool,
+               out: Tensor) -> None:
+    ref.dare_out_(delta, density, seed, stream, rescale, out)
+
+
 def _apply_dense_(weight: Tensor, delta: Tensor, alpha: float) -> None:
     ref.apply_dense_(weight, delta, alpha)
 
@@ -69,6 +74,7 @@ topk_mask_op = define("topk_mask", _topk_mask, _bool_like)
 philox_uniform_like_op = define("philox_uniform_like", _philox_uniform_like,
                                 lambda x, seed, stream: torch.empty_like(x, dtype=torch.float32))
 dare_op = define("dare", _dare, lambda delta, *args: torch.empty_like(delta))
+dare_out_op = define("dare_out_", _dare_out_, _nothing, mutates_args=("out",))
 apply_dense_op = define("apply_dense_", _apply_dense_, _nothing, mutates_args=("weight",))
 apply_coo_op = define("apply_coo_", _apply_coo_, _nothing, mutates_args=("weight",))
 apply_bitmask_op = define("apply_bitmask_", _apply_bitmask_, _nothing, mutates_args=("weight",))
@@ -130,19 +136,33 @@ def _stream(stream: int) -> int:
     return stream
 
 
-def dare(delta: Tensor, density: float, *, seed: int, rescale: bool = True, stream: int = 0) -> Tensor:
+def dare(delta: Tensor, density: float, *, seed: int, rescale: bool = True, stream: int = 0,
+         out: Optional[Tensor] = None) -> Tensor:
     """DARE: keep each element with probability ``density``, divide the kept by it.
 
     ``keep_i = u_i < fp32(density)`` with ``u_i`` the Philox4x32-10 uniform of
     flat index ``i`` keyed by ``(seed, stream)``: the same mask on every
     backend and thread count. Kept: ``fp32(d) / fp32(density)`` (or ``d``
     without ``rescale``), rounded to ``delta.dtype``; dropped: ``+0.0``.
+    ``out``: write the result there (a contiguous tensor of delta's dtype,
+    shape and device; ``delta`` itself is allowed) and return it, so a loop
+    over many tensors reuses one buffer instead of faulting in a new one.
     Source: Yu et al. 2024, "Language Models are Super Mario" (DARE); PEFT's
     ``random_pruning`` divides the same way.
     """
     check.tensor("delta", delta)
     density = check.fraction("density", density)
-    return dare_op(delta.contiguous(), density, check_seed(seed), _stream(stream), bool(rescale))
+    seed, stream = check_seed(seed), _stream(stream)
+    if out is None:
+        return dare_op(delta.contiguous(), density, seed, stream, bool(rescale))
+    check.tensor("out", out)
+    if out.dtype != delta.dtype or out.shape != delta.shape or out.device != delta.device:
+        raise ValueError(f"out must match delta: expected {tuple(delta.shape)} {delta.dtype} on "
+                         f"{delta.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    dare_out_op(delta.contiguous(), density, seed, stream, bool(rescale), out)
+    return out
 
 
 def random_uniform_like(x: Tensor, *, seed: int, stream: int = 0) -> Tensor:

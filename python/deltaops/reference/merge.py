@@ -195,12 +195,7 @@ def merge_tensors(base: torch.Tensor, models: Sequence[torch.Tensor], method: st
         return torch.empty(base.shape, dtype=out_dtype, device=base.device)
 
     if method == "linear":
-        weights = _per_model("weights", weights, n, 1.0)
-        normalize = True if normalize is None else _bool("normalize", normalize)
-        if normalize and float(torch.tensor(weights, dtype=F32).sum()) == 0:
-            raise ValueError(f"linear: normalize=True divides by the sum of the weights, "
-                             f"which is 0 for weights={weights}")
-        return linear(models, weights, normalize, out_dtype)
+        return linear(models, *linear_options(n, weights, normalize), out_dtype)
     if method == "slerp":
         if n != 1:
             raise ValueError(f"slerp merges exactly one model into the base; got {n} models")
@@ -282,6 +277,17 @@ def sum_in_order(terms: Sequence[torch.Tensor]) -> torch.Tensor:
     for term in terms[1:]:
         total = total + term
     return total
+
+
+def linear_options(n: int, weights, normalize) -> tuple[list[float], bool]:
+    """``linear``'s weights (one per model, default 1) and ``normalize`` (default True),
+    checked: a zero weight sum cannot normalize."""
+    weights = _per_model("weights", weights, n, 1.0)
+    normalize = True if normalize is None else _bool("normalize", normalize)
+    if normalize and float(torch.tensor(weights, dtype=F32).sum()) == 0:
+        raise ValueError(f"linear: normalize=True divides by the sum of the weights, "
+                         f"which is 0 for weights={weights}")
+    return weights, normalize
 
 
 def linear(models: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool,

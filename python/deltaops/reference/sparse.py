@@ -120,6 +120,12 @@ def dare(delta: torch.Tensor, density: float, seed: int, stream: int = 0,
     return torch.where(keep, values, torch.zeros((), device=delta.device)).to(delta.dtype)
 
 
+def dare_out_(delta: torch.Tensor, density: float, seed: int, stream: int, rescale: bool,
+              out: torch.Tensor) -> None:
+    """:func:`dare` written into ``out`` (delta's dtype and shape; ``out`` may be ``delta``)."""
+    out.copy_(dare(delta, density, seed, stream, rescale))
+
+
 # ---- applying deltas -----------------------------------------------------------
 
 
