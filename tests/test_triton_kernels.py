@@ -385,8 +385,8 @@ def test_zero_numel_everywhere():
 
 def test_exports():
     assert set(T.__all__) == {"radix_histogram", "threshold_mask", "topk_mask",
-                              "philox_uniform_like", "dare", "apply_dense_", "apply_coo_",
-                              "apply_bitmask_"}
+                              "philox_uniform_like", "dare", "dare_out_", "apply_dense_",
+                              "apply_coo_", "apply_bitmask_"}
     for name in T.__all__:
         assert callable(getattr(T, name))
 
