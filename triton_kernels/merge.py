@@ -62,7 +62,9 @@ _SEL_NONE, _SEL_GE, _SEL_GT, _SEL_RANKED = 0, 1, 2, 3
 # Rescale kinds of the norm pass.
 _NORMS = {"l1": 1, "l2": 2, "linf": 3}
 
-# Per-model integer config: one row of _ICFG int64 values.
+# Per-model integer config: one row of _ICFG int64 values. The kernels index these rows
+# with the literal offsets of this layout (row + 1 ... row + 9; fcfg row + 0 ... + 2):
+# Triton kernels can read only constexpr globals, so keep both in step.
 (_I_MODE, _I_KEEP_KIND, _I_KEEP_KEY, _I_KEEP_TAKE, _I_KEEP_ROW, _I_DROP_KIND, _I_DROP_KEY,
  _I_DROP_TAKE, _I_DROP_ROW, _I_SCALE) = range(10)
 _ICFG = 10
