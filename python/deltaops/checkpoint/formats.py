@@ -148,7 +148,7 @@ class UniformFormat:
             if not meta["symmetric"]:
                 raise CheckpointError(f"an asymmetric {self.name} entry needs its zero points")
             # symmetric zero points are the constant 2^(bits-1), not stored (as QuantizedDelta.save)
-            zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.uint8)
+            zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.uint8, device=scales.device)
         apply_delta_(weight, QuantizedDelta(weight.shape, bits, group_size, parts["packed"], scales,
                                             zeros, symmetric=bool(meta["symmetric"])))
 
