@@ -1,7 +1,8 @@
 """The ``deltaops`` command line: whole-checkpoint merge, compress and apply.
 
     deltaops merge CONFIG.yml OUT_DIR          mergekit's YAML, streamed tensor by tensor
-    deltaops compress --base B --finetuned F --format sparse [--density D] OUT_DIR
+    deltaops compress --base B --finetuned F --format FMT [options] OUT_DIR
+                                               FMT: sparse, sign, ternary, int4, int2, lowrank
     deltaops apply --base B --delta D OUT_DIR  rebuild the fine-tune from base + delta
     deltaops info [PATH]                       backends, ISA, versions; or a model/delta folder
     deltaops bench                             a generated family merged, timed against a copy
@@ -35,7 +36,7 @@ def _run_options(args):
     from .checkpoint.merge import RunOptions
 
     return RunOptions(device=args.device, threads=args.threads, shard_size=args.shard_size,
-                      seed=getattr(args, "seed", 0), resume=getattr(args, "resume", False),
+                      seed=getattr(args, "seed", None) or 0, resume=getattr(args, "resume", False),
                       overwrite=args.overwrite, quiet=args.quiet,
                       check_nan=getattr(args, "check_nan", "output"))
 
@@ -70,13 +71,34 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--base", required=True)
     compress.add_argument("--finetuned", required=True)
     compress.add_argument("--format", default="sparse",
-                          help="sparse (built); sign, ternary, int4, int2, lowrank when registered")
-    compress.add_argument("--density", type=float, default=0.1, help="fraction of elements kept")
-    compress.add_argument("--layout", default="auto", choices=("auto", "coo", "bitmask"))
+                          help="sparse (default), sign, ternary, int4, int2 or lowrank; an option "
+                               "the format does not read is an error")
+    compress.add_argument("--density", type=float, default=None,
+                          help="sparse, ternary --method compeft: fraction of elements kept "
+                               "(default 0.1)")
+    compress.add_argument("--layout", default=None, choices=("auto", "coo", "bitmask"),
+                          help="sparse: index layout (default auto)")
     compress.add_argument("--values-dtype", default=None,
-                          help="dtype of stored values (default: the model's)")
+                          help="sparse, lowrank: dtype of stored values / factors (default: the "
+                               "model's)")
     compress.add_argument("--trim-scope", default="tensor", choices=("tensor", "model"),
-                          help="top-k per tensor, or one top-k over the whole model")
+                          help="sparse: top-k per tensor, or one top-k over the whole model")
+    compress.add_argument("--method", default=None,
+                          help="ternary: absmean (default) or compeft; lowrank: svd (default) "
+                               "or randomized")
+    compress.add_argument("--alpha", type=float, default=None,
+                          help="ternary --method compeft: scale = alpha * std(delta) (default 1)")
+    compress.add_argument("--granularity", default=None, choices=("tensor", "row"),
+                          help="sign: one scale per tensor (default) or per row")
+    compress.add_argument("--group-size", type=int, default=None,
+                          help="int4, int2: elements per scale along the input dimension "
+                               "(default 128; -1: one group per row)")
+    compress.add_argument("--symmetric", action="store_true",
+                          help="int4, int2: symmetric groups (no zero points stored)")
+    compress.add_argument("--rank", type=int, default=None,
+                          help="lowrank: rank per tensor (default 16, capped at min(out, in))")
+    compress.add_argument("--seed", type=int, default=None,
+                          help="lowrank --method randomized: seed of the test vectors (default 0)")
     compress.add_argument("--min-numel", type=int, default=1024,
                           help="tensors smaller than this (and 1-D ones) are stored whole")
     compress.add_argument("out", help="output delta folder")
@@ -139,6 +161,9 @@ def _dispatch(args) -> None:
 
         options = CompressOptions(format=args.format, density=args.density, layout=args.layout,
                                   values_dtype=args.values_dtype, trim_scope=args.trim_scope,
+                                  method=args.method, alpha=args.alpha, rank=args.rank,
+                                  group_size=args.group_size, symmetric=args.symmetric,
+                                  granularity=args.granularity, seed=args.seed,
                                   min_numel=args.min_numel, shard_size=args.shard_size)
         summary = run_compress(args.base, args.finetuned, args.out, options, _run_options(args))
         _print_summary("compress", summary, args.quiet)

@@ -23,12 +23,15 @@ shard by shard like ``merge``.
 Adding a format
 ---------------
 A format is an object with ``name``, ``option_names`` (the CLI options it
-reads, see :func:`deltaops.cli`), ``encode(delta, options, threshold)``
-returning ``(parts: dict[str, Tensor], meta: dict)``, and
-``apply(weight, parts, meta)`` adding the decoded delta into ``weight`` in
-place. Register it in :data:`FORMATS`. The formats of the quantization issue
-(sign, ternary, int4, int2) and the low-rank issue (lowrank) are listed in
-:data:`PLANNED_FORMATS` until they are registered.
+reads, see :func:`deltaops.cli`; any other option given is an error),
+``defaults`` (option values when not given), ``resolve(options, given)``
+returning the checked options (``CheckpointError`` for a bad value; they are
+recorded in the manifest), ``encode(delta, options, threshold)`` returning
+``(parts: dict[str, Tensor], meta: dict)``, and ``apply(weight, parts,
+meta)`` adding the decoded delta into ``weight`` in place through the
+format's fused path. Register it in :data:`FORMATS`. Registered: ``sparse``
+(here) and ``sign``, ``ternary``, ``int4``, ``int2``, ``lowrank``
+(:mod:`deltaops.checkpoint.formats`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from ..reference.sparse import magnitude_k
 from . import io
 from .config import MergeConfig, ModelEntry
 from .distributed import Group
+from .formats import FORMATS as EXTRA_FORMATS
 from .io import CheckpointError, ModelFolder, OutputFolder, PlannedTensor, ShardPlan
 from .merge import FLOAT_DTYPES, MergeJob, RunOptions, Summary, _progress, peak_rss_bytes
 
@@ -72,7 +76,17 @@ class SparseFormat:
 
     name = "sparse"
     option_names = ("density", "layout", "values_dtype", "trim_scope")
+    defaults = {"density": 0.1, "layout": "auto", "values_dtype": None, "trim_scope": "tensor"}
     supports_model_scope = True
+
+    def resolve(self, options: dict, given: dict) -> dict:
+        density = options["density"]
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or \
+                not 0.0 <= density <= 1.0:
+            raise CheckpointError(f"density must be in [0, 1], got {density}")
+        if options["layout"] not in ("auto", "coo", "bitmask"):
+            raise CheckpointError(f"--layout must be auto, coo or bitmask; got {options['layout']!r}")
+        return options
 
     def encode(self, delta: torch.Tensor, options: dict, threshold=None):
         if threshold is not None:
@@ -97,11 +111,13 @@ class SparseFormat:
         apply_delta_(weight, sparse)
 
 
-FORMATS = {"sparse": SparseFormat()}
-# Formats the command line knows by name, built by other issues: the lead registers them in
-# FORMATS with the interface above once they land.
-PLANNED_FORMATS = {"sign": "issue 4", "ternary": "issue 4", "int4": "issue 4", "int2": "issue 4",
-                   "lowrank": "issue 5"}
+FORMATS = {"sparse": SparseFormat(), **EXTRA_FORMATS}
+# Formats the command line knows by name, built by other issues and not registered yet
+# (all of issue 6's list are registered now).
+PLANNED_FORMATS: dict[str, str] = {}
+# Every format option of CompressOptions; a format reads the ones in its option_names.
+FORMAT_OPTIONS = ("density", "layout", "values_dtype", "trim_scope", "method", "alpha", "rank",
+                  "group_size", "symmetric", "granularity", "seed")
 
 
 def get_format(name: str):
@@ -111,6 +127,23 @@ def get_format(name: str):
         raise CheckpointError(f"delta format {name!r} is not available in this build "
                               f"({PLANNED_FORMATS[name]}); available: {', '.join(FORMATS)}")
     raise CheckpointError(f"unknown delta format {name!r}; available: {', '.join(FORMATS)}")
+
+
+def resolve_options(fmt, options: "CompressOptions") -> dict:
+    """The options ``fmt`` reads, defaults filled in and checked; an option given that the
+    format does not read is an error (so ``--rank`` with ``--format int4`` is not ignored)."""
+    given = {}
+    for key in FORMAT_OPTIONS:
+        value = getattr(options, key)
+        # None / False / trim_scope "tensor" are "not given" (every format trims per tensor)
+        if value is None or value is False or (key == "trim_scope" and value == "tensor"):
+            continue
+        if key not in fmt.option_names:
+            reads = ", ".join("--" + k.replace("_", "-") for k in fmt.option_names)
+            raise CheckpointError(f"--{key.replace('_', '-')} does not apply to --format {fmt.name} "
+                                  f"(it reads: {reads})")
+        given[key] = value
+    return fmt.resolve({**fmt.defaults, **given}, given)
 
 
 # ---- compress --------------------------------------------------------------------------
@@ -123,11 +156,21 @@ def _fingerprint(folder: ModelFolder) -> str:
 
 @dataclass
 class CompressOptions:
+    """What ``deltaops compress`` was asked; ``None`` (or False) options take the format's
+    default (see each format's ``defaults``)."""
+
     format: str = "sparse"
-    density: float = 0.1
-    layout: str = "auto"
+    density: Optional[float] = None
+    layout: Optional[str] = None
     values_dtype: Optional[str] = None
     trim_scope: str = "tensor"
+    method: Optional[str] = None       # ternary: absmean | compeft; lowrank: svd | randomized
+    alpha: Optional[float] = None      # ternary compeft: scale multiplier
+    rank: Optional[int] = None         # lowrank
+    group_size: Optional[int] = None   # int4 / int2 (-1: one group per row)
+    symmetric: bool = False            # int4 / int2
+    granularity: Optional[str] = None  # sign: tensor | row
+    seed: Optional[int] = None         # lowrank randomized
     min_numel: int = 1024
     shard_size: int = 2 * 1024**3
 
@@ -139,22 +182,24 @@ def run_compress(base_path: str, finetuned_path: str, out_dir: str, options: Com
     if run.threads:
         torch.set_num_threads(run.threads)
     fmt = get_format(options.format)
-    if not 0.0 <= options.density <= 1.0:
-        raise CheckpointError(f"density must be in [0, 1], got {options.density}")
+    fmt_options = resolve_options(fmt, options)
+    if "values_dtype" in fmt_options:
+        io_dtype(fmt_options["values_dtype"])  # a bad name fails before anything is read
     base = ModelFolder(base_path)
     tuned = ModelFolder(finetuned_path)
     names = tuned.names()
     thresholds = None
-    if options.trim_scope == "model":
+    trim_scope = fmt_options.get("trim_scope", options.trim_scope)
+    if trim_scope == "model":
         if not getattr(fmt, "supports_model_scope", False):
             raise CheckpointError(f"format {fmt.name} has no whole-model trim")
         # The whole-model top-k of the merge (TIES/ComPEFT's k over all tensors), for one model.
-        config = MergeConfig("ties", [ModelEntry(tuned.path, {"weight": 1.0, "density": options.density})],
+        config = MergeConfig("ties", [ModelEntry(tuned.path, {"weight": 1.0, "density": fmt_options["density"]})],
                              base_model=base.path, trim_scope="model")
         job = MergeJob(config, run)
         thresholds = {n: t[0] for n, t in job.model_thresholds(Group(), job.names).items()}
-    elif options.trim_scope != "tensor":
-        raise CheckpointError(f"trim_scope must be 'tensor' or 'model', got {options.trim_scope!r}")
+    elif trim_scope != "tensor":
+        raise CheckpointError(f"trim_scope must be 'tensor' or 'model', got {trim_scope!r}")
     record = {"base": _fingerprint(base), "finetuned": _fingerprint(tuned),
               "options": options.__dict__}
     output = OutputFolder(out_dir, record, resume=None, overwrite=run.overwrite)
@@ -198,9 +243,14 @@ def run_compress(base_path: str, finetuned_path: str, out_dir: str, options: Com
                 raise CheckpointError(f"{bad}: tensor {name!r} contains NaN")
             delta = value.float() - b.float()
             del b
-            opts = {"density": options.density, "layout": options.layout,
-                    "values_dtype": io_dtype(options.values_dtype) or info.dtype}
-            parts, meta = fmt.encode(delta, opts, None if thresholds is None else thresholds[name])
+            opts = dict(fmt_options)
+            if "values_dtype" in opts:
+                opts["values_dtype"] = io_dtype(opts["values_dtype"]) or info.dtype
+            try:
+                parts, meta = fmt.encode(delta, opts, None if thresholds is None else thresholds[name])
+            except (ValueError, TypeError) as error:
+                raise CheckpointError(f"tensor {name!r} of {info.file}: {fmt.name} encoding "
+                                      f"failed: {error}") from error
             entry["meta"] = meta
         del value
         entry["parts"] = sorted(parts)
@@ -217,7 +267,7 @@ def run_compress(base_path: str, finetuned_path: str, out_dir: str, options: Com
     if progress is not None:
         progress.close()
     manifest = {"format": CONTAINER, "version": CONTAINER_VERSION, "delta_format": fmt.name,
-                "options": {k: v for k, v in options.__dict__.items() if k != "shard_size"},
+                "options": {**fmt_options, "min_numel": options.min_numel},
                 "base_fingerprint": record["base"], "shards": shard_files, "tensors": entries}
     with open(output.file(MANIFEST), "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=1)
@@ -286,7 +336,11 @@ def run_apply(base_path: str, delta_dir: str, out_dir: str, run: RunOptions) -> 
         else:
             fmt = get_format(entry["kind"])
             weight = base.read(p.name).to(p.dtype)  # a private mapping: writable, the file untouched
-            fmt.apply(weight, parts, entry.get("meta", {}))
+            try:
+                fmt.apply(weight, parts, entry.get("meta", {}))
+            except (ValueError, TypeError, KeyError) as error:
+                raise CheckpointError(f"{delta_dir}: the {fmt.name} delta of tensor {p.name!r} "
+                                      f"is corrupt: {error!r}") from error
             out = weight
         summary.tensors += 1
         if progress is not None:
