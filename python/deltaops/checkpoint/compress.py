@@ -112,9 +112,6 @@ class SparseFormat:
 
 
 FORMATS = {"sparse": SparseFormat(), **EXTRA_FORMATS}
-# Formats the command line knows by name, built by other issues and not registered yet
-# (all of issue 6's list are registered now).
-PLANNED_FORMATS: dict[str, str] = {}
 # Every format option of CompressOptions; a format reads the ones in its option_names.
 FORMAT_OPTIONS = ("density", "layout", "values_dtype", "trim_scope", "method", "alpha", "rank",
                   "group_size", "symmetric", "granularity", "seed")
@@ -123,9 +120,6 @@ FORMAT_OPTIONS = ("density", "layout", "values_dtype", "trim_scope", "method", "
 def get_format(name: str):
     if name in FORMATS:
         return FORMATS[name]
-    if name in PLANNED_FORMATS:
-        raise CheckpointError(f"delta format {name!r} is not available in this build "
-                              f"({PLANNED_FORMATS[name]}); available: {', '.join(FORMATS)}")
     raise CheckpointError(f"unknown delta format {name!r}; available: {', '.join(FORMATS)}")
 
 
