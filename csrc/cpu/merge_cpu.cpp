@@ -29,7 +29,6 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <map>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -46,6 +45,7 @@
 
 #include "deltaops/bits.h"
 #include "deltaops/merge.h"  // delta_key, sign_of, agrees, nonzero_or_one, masked_delta, ...
+#include "deltaops/merge_select.h"  // top-k thresholds from the delta-key histograms
 #include "sparse_cpu.h"
 
 namespace deltaops {
@@ -54,7 +54,10 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 14;     // elements; fixed (rank and norm passes depend on it)
 constexpr int kBlock = 256;             // elements per inner block (multiple of 4)
-constexpr uint64_t kKeyNone = uint64_t(1) << 32;
+using merge_select::kKeyNone;
+using merge_select::magnitude_k;
+using merge_select::Thr;
+using merge_select::thr_from;
 constexpr int kBins0 = 1 << 15, kBins1 = 1 << 16;
 
 // f(slot, chunk) for chunk in [0, nchunks), chunks handed out dynamically.
@@ -198,49 +201,16 @@ bool delta_histogram(const T* b, const T* m, int64_t n, int level, uint32_t pref
   return any_nan;
 }
 
-std::pair<int64_t, int64_t> locate(const std::vector<int64_t>& hist, int64_t k) {
-  int64_t above = 0;
-  for (int64_t b = static_cast<int64_t>(hist.size()) - 1; b >= 0; --b) {
-    if (above + hist[b] >= k) return {b, above};
-    above += hist[b];
-  }
-  TORCH_CHECK(false, "deltaops._C: internal error: k exceeds the histogram total");
-}
-
-struct Thr {
-  uint64_t key = kKeyNone;  // keep key > key ...
-  int64_t take = 0;         // ... plus the first `take` equal (-1: all)
-};
-
 template <typename T>
 std::vector<Thr> topk_thresholds(const T* b, const T* m, int64_t n, const std::vector<int64_t>& ks) {
   std::vector<int64_t> level0(kBins0, 0);
   if (delta_histogram(b, m, n, 0, 0, level0.data()))
     throw ValueError("topk_mask: x contains NaN; magnitudes of NaN have no order");
-  std::map<int64_t, std::vector<int64_t>> level1;
-  std::vector<Thr> out;
-  for (int64_t k : ks) {
-    Thr t;
-    if (k <= 0) {
-      t = Thr{kKeyNone, 0};
-    } else if (k >= n) {
-      t = Thr{0, -1};
-    } else {
-      const auto [bucket, above] = locate(level0, k);
-      auto it = level1.find(bucket);
-      if (it == level1.end()) {
-        std::vector<int64_t> h(kBins1, 0);
-        delta_histogram(b, m, n, 1, static_cast<uint32_t>(bucket), h.data());
-        it = level1.emplace(bucket, std::move(h)).first;
-      }
-      const auto [low, above_low] = locate(it->second, k - above);
-      const int64_t take = k - above - above_low;
-      t = Thr{(static_cast<uint64_t>(bucket) << 16) | static_cast<uint64_t>(low),
-              take >= it->second[low] ? -1 : take};
-    }
-    out.push_back(t);
-  }
-  return out;
+  return merge_select::thresholds_from(level0, n, ks, [&](int64_t bucket) {
+    std::vector<int64_t> h(kBins1, 0);
+    delta_histogram(b, m, n, 1, static_cast<uint32_t>(bucket), h.data());
+    return h;
+  });
 }
 
 // ---- per-model configuration ------------------------------------------------------
@@ -737,19 +707,6 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "deltaops._C: ", name, " must be contiguous");
   if (dtype_code_of(t.scalar_type()) < 0)
     throw TypeError(std::string(name) + " must be float32, bfloat16 or float16");
-}
-
-int64_t magnitude_k(double density, int64_t n) {
-  if (density >= 1) return n;
-  if (density <= 0 || n == 0) return 0;
-  return std::max<int64_t>(1, static_cast<int64_t>(density * static_cast<double>(n)));
-}
-
-Thr thr_from(int64_t key, int64_t take) {
-  Thr t;
-  t.key = static_cast<uint64_t>(key);
-  t.take = take;
-  return t;
 }
 
 template <typename T>

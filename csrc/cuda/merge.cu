@@ -39,12 +39,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <map>
 #include <string>
 #include <vector>
 
 #include "common.cuh"
 #include "deltaops/merge.h"
+#include "deltaops/merge_select.h"  // top-k thresholds from the delta-key histograms (host)
 #include "merge_cuda.cuh"
 
 namespace deltaops {
@@ -54,7 +54,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kItems = 8;  // consecutive elements per thread: one 16-byte load of 16-bit, two of fp32
 constexpr int64_t kTile = int64_t{kThreads} * kItems;  // unit of the rank offsets and norm partials
-constexpr uint64_t kKeyNone = uint64_t{1} << 32;
+constexpr uint64_t kKeyNone = merge_select::kKeyNone;
+using merge_select::magnitude_k;
+using merge_select::Thr;
+using merge_select::thr_from;
 constexpr int kHistThreads = 1024;
 constexpr int kHistItems = 8;
 constexpr int64_t kBinsLevel0 = 1 << 15;
@@ -401,25 +404,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host ------------------------------------------------------------------------------
 
-struct Thr {
-  uint64_t key = kKeyNone;  // keep key > key ...
-  int64_t take = 0;         // ... plus the first `take` equal (-1: all)
-};
-
 std::vector<int64_t> to_host(const at::Tensor& t) {
   const at::Tensor h = t.to(at::kCPU).contiguous();
   const int64_t* p = h.data_ptr<int64_t>();
   return std::vector<int64_t>(p, p + h.numel());
-}
-
-std::pair<int64_t, int64_t> locate(const std::vector<int64_t>& h, int64_t k) {
-  int64_t above = 0;
-  for (int64_t b = static_cast<int64_t>(h.size()) - 1; b >= 0; --b) {
-    if (above + h[b] >= k) return {b, above};
-    above += h[b];
-  }
-  TORCH_CHECK(false, "deltaops._C_cuda: internal error: k exceeds the histogram total");
-  return {0, 0};
 }
 
 unsigned tiles_grid(int64_t ntiles, int blocks_per_sm = 8) {
@@ -463,37 +451,10 @@ std::vector<Thr> topk_thresholds(const T* b, const T* m, int64_t n, const std::v
   bool nan = false;
   const std::vector<int64_t> level0 = to_host(delta_histogram(b, m, n, 0, 0, like, &nan));
   if (nan) throw ValueError("topk_mask: x contains NaN; magnitudes of NaN have no order");
-  std::map<int64_t, std::vector<int64_t>> level1;
-  std::vector<Thr> out;
-  for (int64_t k : ks) {
-    Thr t;
-    if (k <= 0) {
-      t = Thr{kKeyNone, 0};
-    } else if (k >= n) {
-      t = Thr{0, -1};
-    } else {
-      const auto [bucket, above] = locate(level0, k);
-      auto it = level1.find(bucket);
-      if (it == level1.end())
-        it = level1.emplace(bucket, to_host(delta_histogram(b, m, n, 1, static_cast<uint32_t>(bucket),
-                                                            like, nullptr))).first;
-      const auto [low, above_low] = locate(it->second, k - above);
-      const int64_t take = k - above - above_low;
-      t = Thr{(static_cast<uint64_t>(bucket) << 16) | static_cast<uint64_t>(low),
-              take >= it->second[low] ? -1 : take};
-    }
-    out.push_back(t);
-  }
-  return out;
+  return merge_select::thresholds_from(level0, n, ks, [&](int64_t bucket) {
+    return to_host(delta_histogram(b, m, n, 1, static_cast<uint32_t>(bucket), like, nullptr));
+  });
 }
-
-int64_t magnitude_k(double density, int64_t n) {
-  if (density >= 1) return n;
-  if (density <= 0 || n == 0) return 0;
-  return std::max<int64_t>(1, static_cast<int64_t>(density * static_cast<double>(n)));
-}
-
-Thr thr_from(int64_t key, int64_t take) { return Thr{static_cast<uint64_t>(key), take}; }
 
 // The CPU kernel's sel_state, for a whole tensor: ranked thresholds get a row.
 Selection selection_of(const Thr& t, std::vector<uint32_t>& ranked_keys, std::vector<int>& ranked_models,
