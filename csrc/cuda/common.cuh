@@ -79,6 +79,32 @@ inline unsigned grid_for(int64_t work, int threads, int blocks_per_sm = 8) {
 
 // ---- device side ----------------------------------------------------------------
 
+// A thread's additions to a block's shared-memory histogram chunk [first_bin,
+// first_bin + chunk_bins): runs of equal bins (neighbouring elements often share
+// one, e.g. the zero deltas of unchanged weights) go in with one shared atomic
+// each. Bins outside the chunk are ignored. Call flush() once at the end.
+struct RunLengthHistogram {
+  uint32_t* hist;
+  uint32_t first_bin, chunk_bins;
+  uint32_t run_bin = 0, run_count = 0;
+
+  __device__ __forceinline__ void add(uint32_t bin) {
+    const uint32_t local = bin - first_bin;  // wraps when below
+    if (local >= chunk_bins) return;
+    if (run_count != 0 && local == run_bin) {
+      ++run_count;
+      return;
+    }
+    flush();
+    run_bin = local;
+    run_count = 1;
+  }
+  __device__ __forceinline__ void flush() {
+    if (run_count != 0) atomicAdd(&hist[run_bin], run_count);
+    run_count = 0;
+  }
+};
+
 __device__ __forceinline__ int64_t global_thread() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }

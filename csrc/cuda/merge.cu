@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kHistThreads)
 
   // Runs of equal bins inside a thread (the zero deltas of unchanged elements)
   // are added with one shared atomic.
-  uint32_t run_bin = 0, run_count = 0;
+  RunLengthHistogram runs{hist, first_bin, chunk_bins};
   bool nan = false;
   auto count = [&](T b, T m) {
     const uint32_t key = delta_key(__fsub_rn(load_f32(m), load_f32(b)));
@@ -212,15 +212,7 @@ __global__ void __launch_bounds__(kHistThreads)
       if ((key >> 16) != prefix) return;
       bin = key & 0xFFFFu;
     }
-    const uint32_t local = bin - first_bin;  // wraps when below
-    if (local >= chunk_bins) return;
-    if (run_count != 0 && local == run_bin) {
-      ++run_count;
-      return;
-    }
-    if (run_count != 0) atomicAdd(&hist[run_bin], run_count);
-    run_bin = local;
-    run_count = 1;
+    runs.add(bin);
   };
 
   const int64_t stride = grid_threads();
@@ -232,7 +224,7 @@ __global__ void __launch_bounds__(kHistThreads)
     for (int j = 0; j < kHistItems; ++j) count(pb.v[j], pm.v[j]);
   }
   for (int64_t i = groups * kHistItems + global_thread(); i < n; i += stride) count(base[i], model[i]);
-  if (run_count != 0) atomicAdd(&hist[run_bin], run_count);
+  runs.flush();
   if (nan) atomicOr(nan_seen, 1);
   __syncthreads();
 

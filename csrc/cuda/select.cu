@@ -33,19 +33,11 @@ __global__ void __launch_bounds__(kHistThreads)
   for (uint32_t b = threadIdx.x; b < chunk_bins; b += blockDim.x) hist[b] = 0;
   __syncthreads();
 
-  uint32_t run_bin = 0, run_count = 0;
+  RunLengthHistogram runs{hist, first_bin, chunk_bins};
   auto count = [&](T v) {
     const uint32_t key = magnitude_key(v);
     if (filter && (key >> 16) != prefix) return;
-    const uint32_t local = ((key >> shift) & bin_mask) - first_bin;  // wraps when below
-    if (local >= chunk_bins) return;
-    if (run_count != 0 && local == run_bin) {
-      ++run_count;
-      return;
-    }
-    if (run_count != 0) atomicAdd(&hist[run_bin], run_count);
-    run_bin = local;
-    run_count = 1;
+    runs.add((key >> shift) & bin_mask);
   };
 
   const int64_t stride = grid_threads();
@@ -56,7 +48,7 @@ __global__ void __launch_bounds__(kHistThreads)
     for (int j = 0; j < kHistItems; ++j) count(p.v[j]);
   }
   for (int64_t i = groups * kHistItems + global_thread(); i < n; i += stride) count(x[i]);
-  if (run_count != 0) atomicAdd(&hist[run_bin], run_count);
+  runs.flush();
   __syncthreads();
 
   for (uint32_t b = threadIdx.x; b < chunk_bins; b += blockDim.x) {
