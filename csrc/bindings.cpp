@@ -67,10 +67,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seed"), py::arg("thresholds"), py::arg("out_dtype"), release(),
         "fused merge_tensors for task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, "
         "breadcrumbs_ties (options resolved per model; see csrc/cpu/merge_cpu.h)");
+  m.def("merge_sign_elect_out_", &dc::merge_sign_elect_out_, py::arg("base"), py::arg("models"),
+        py::arg("method"), py::arg("weights"), py::arg("densities"), py::arg("gammas"),
+        py::arg("lambda_"), py::arg("normalize"), py::arg("rescale"), py::arg("sign_method"),
+        py::arg("seed"), py::arg("thresholds"), py::arg("out"), release(),
+        "merge_sign_elect written into out (base's shape, the output dtype; may be base or a model)");
   m.def("merge_linear", &dc::merge_linear, py::arg("models"), py::arg("weights"),
         py::arg("normalize"), py::arg("out_dtype"), release(),
         "merge_tensors' linear method: fma-accumulated weighted sum of the models, "
         "optionally divided by the fp32 sum of the weights");
+  m.def("merge_linear_out_", &dc::merge_linear_out_, py::arg("models"), py::arg("weights"),
+        py::arg("normalize"), py::arg("out"), release(),
+        "merge_linear written into out (the models' shape, the output dtype; may be a model)");
   m.def("merge_delta_histogram", &dc::merge_delta_histogram, py::arg("base"), py::arg("model"),
         py::arg("level"), py::arg("prefix"), release(),
         "radix histogram of the magnitude keys of fp32(model) - fp32(base), no delta stored");

@@ -135,6 +135,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("rescale"), py::arg("sign_method"), py::arg("seed"), py::arg("thresholds"),
       py::arg("out_dtype"), release());
   m.def(
+      "merge_sign_elect_out_",
+      [merge_errors](const at::Tensor& base, const std::vector<at::Tensor>& models,
+                     const std::string& method, const std::vector<double>& weights,
+                     const std::vector<double>& densities, const std::vector<double>& gammas,
+                     double lambda, bool normalize, const std::string& rescale,
+                     const std::string& sign_method, int64_t seed,
+                     const std::vector<int64_t>& thresholds, at::Tensor& out) {
+        merge_errors([&] {
+          dc::merge_sign_elect_out_(base, models, method, weights, densities, gammas, lambda,
+                                    normalize, rescale, sign_method, seed, thresholds, out);
+        });
+      },
+      "merge_sign_elect written into out (base's shape, the output dtype; may be base or a model)",
+      py::arg("base"), py::arg("models"), py::arg("method"), py::arg("weights"),
+      py::arg("densities"), py::arg("gammas"), py::arg("lambda_"), py::arg("normalize"),
+      py::arg("rescale"), py::arg("sign_method"), py::arg("seed"), py::arg("thresholds"),
+      py::arg("out"), release());
+  m.def(
       "merge_delta_histogram",
       [merge_errors](const at::Tensor& base, const at::Tensor& model, int64_t level,
                      int64_t prefix) {

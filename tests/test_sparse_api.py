@@ -307,7 +307,10 @@ def op_samples():
     yield "apply_bitmask_", (weight, ref.pack_mask(torch.arange(99) % 7 == 0), torch.randn(15), 1.0)
     yield "merge_sign_elect", (x, [x + 0.01, x - 0.02], "ties", [1.0, 0.5], [0.5, 0.3], [0.01, 0.01],
                                1.0, True, "", "sum", 0, [], "float32")
+    yield "merge_sign_elect_out_", (x, [x + 0.01, x - 0.02], "ties", [1.0, 0.5], [0.5, 0.3],
+                                    [0.01, 0.01], 1.0, True, "", "sum", 0, [], torch.empty_like(f))
     yield "merge_linear", ([x + 0.01, x - 0.02, x], [1.0, 0.5, 0.25], True, "bfloat16")
+    yield "merge_linear_out_", ([x + 0.01, x - 0.02, x], [1.0, 0.5, 0.25], True, torch.empty_like(x))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

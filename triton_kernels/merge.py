@@ -50,7 +50,7 @@ from deltaops.selection import has_nan, locate
 from .philox import philox_words_tile, split_seed, uniform_from_word
 from .sparse import _LAUNCH, _bits, _block, _from_f32, _kind, _to_f32
 
-__all__ = ["merge_sign_elect", "merge_delta_histogram", "merge_delta_topk"]
+__all__ = ["merge_sign_elect", "merge_sign_elect_out_", "merge_delta_histogram", "merge_delta_topk"]
 
 DEFAULT_BLOCK = 1024
 KEY_MAX = 0x7FFFFFFF
@@ -403,6 +403,39 @@ def merge_sign_elect(base: torch.Tensor, models, method: str, weights, densities
     the density; take < 0: every equal key; drop_key < 0: no drop);
     ``out_dtype`` "float32", "bfloat16" or "float16".
     """
+    if out_dtype not in _OUT_KIND:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    out = torch.empty(base.shape, dtype=_OUT_DTYPE[out_dtype], device=base.device)
+    merge_sign_elect_out_(base, models, method, weights, densities, gammas, lambda_, normalize,
+                          rescale, sign_method, seed, thresholds, out, block_size=block_size)
+    return out
+
+
+def _check_out(out: torch.Tensor, base: torch.Tensor, models) -> None:
+    """As the CPU kernel's check_out: base's shape and device, contiguous, a float
+    dtype, and either disjoint from each input or that input itself."""
+    if out.dtype not in _OUT_DTYPE.values():
+        raise TypeError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
+    if out.shape != base.shape or out.device != base.device or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor of base's shape on base's device")
+    start, end = out.data_ptr(), out.data_ptr() + out.nbytes
+    for t in (base, *models):
+        t_start = t.data_ptr()
+        same = t_start == start and t.dtype == out.dtype
+        if start < t_start + t.nbytes and t_start < end and not same:
+            raise ValueError("out partially overlaps an input; it may only be an input itself")
+
+
+def merge_sign_elect_out_(base: torch.Tensor, models, method: str, weights, densities, gammas,
+                          lambda_: float, normalize: bool, rescale: str, sign_method: str,
+                          seed: int, thresholds, out: torch.Tensor, *,
+                          block_size: int | None = None) -> None:
+    """:func:`merge_sign_elect` written into ``out`` (its dtype is the output dtype).
+
+    ``out`` may be ``base`` or a model: each program loads its block of every
+    input before it stores that block of ``out``. Nothing is written before
+    every check and selection pass is done.
+    """
     kind = _kind(base)
     models = list(models)
     nmodels = len(models)
@@ -421,17 +454,15 @@ def merge_sign_elect(base: torch.Tensor, models, method: str, weights, densities
         _check_pair(base, m)
         if m.shape != base.shape:
             raise ValueError("models must have base's shape")
-    if out_dtype not in _OUT_KIND:
-        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    _check_out(out, base, models)
     if method not in TASK_ARITHMETIC or method.startswith("della"):
         raise ValueError(f"merge_sign_elect: unsupported method {method}")
     if rescale not in ("", "l1", "l2", "linf", "density"):
         raise ValueError(f"unknown rescale {rescale}")
     spec = TASK_ARITHMETIC[method]
-    out = torch.empty(base.shape, dtype=_OUT_DTYPE[out_dtype], device=base.device)
     n = base.numel()
     if n == 0:
-        return out
+        return
     block = _block(block_size)
     nblocks = triton.cdiv(n, block)
     seed_lo, seed_hi = split_seed(seed)
@@ -529,11 +560,11 @@ def merge_sign_elect(base: torch.Tensor, models, method: str, weights, densities
     model_ptrs = torch.tensor([t.data_ptr() for t in m_bits], dtype=torch.int64).to(device)
     _merge_kernel[grid](b_bits, model_ptrs, _bits(out), n, nmodels, icfg_t, fcfg_t, offsets,
                         nblocks, seed_lo, seed_hi, divisor, lambda32, KIND=kind,
-                        OUT_KIND=_OUT_KIND[out_dtype], CONSENSUS=spec.consensus,
+                        OUT_KIND=_OUT_KIND[str(out.dtype).replace("torch.", "")],
+                        CONSENSUS=spec.consensus,
                         SIGN_COUNT=sign_method == "count", NORMALIZE=bool(normalize),
                         APPLY_LAMBDA=float(lambda_) != 1.0, DENSITY_RESCALE=density_rescale,
                         BLOCK=block, **_LAUNCH)
-    return out
 
 
 # ---- ahead-of-time compilation (CI without a GPU) -------------------------------------------------

@@ -710,11 +710,11 @@ void check_cpu(const at::Tensor& t, const char* name) {
 }
 
 template <typename T>
-at::Tensor run(const at::Tensor& base, const std::vector<at::Tensor>& models, const std::string& method,
+void run(const at::Tensor& base, const std::vector<at::Tensor>& models, const std::string& method,
                const std::vector<double>& weights, const std::vector<double>& densities,
                const std::vector<double>& gammas, double lambda, bool normalize,
                const std::string& rescale, const std::string& sign_method, int64_t seed,
-               const std::vector<int64_t>& thresholds, at::ScalarType odt) {
+               const std::vector<int64_t>& thresholds, at::Tensor& out) {
   Plan plan;
   plan.n = base.numel();
   plan.nmodels = static_cast<int>(models.size());
@@ -797,13 +797,13 @@ at::Tensor run(const at::Tensor& base, const std::vector<at::Tensor>& models, co
   for (int i = 0; i < plan.nmodels; ++i) div = i == 0 ? plan.cfg[i].w : div + plan.cfg[i].w;
   o.divisor = std::fabs(div) < 1e-8f ? 1.0f : div;
 
-  at::Tensor out = new_output(base.sizes(), base.options().dtype(odt));
-  switch (odt) {
+  // Every check and pre-pass is done: the first write to out. Each element of
+  // out is written after its inputs are read, so out may be base or a model.
+  switch (out.scalar_type()) {
     case at::kFloat: merge_pass(plan, o, b, ms, static_cast<float*>(out.data_ptr())); break;
     case at::kBFloat16: merge_pass(plan, o, b, ms, static_cast<bf16_t*>(out.data_ptr())); break;
     default: merge_pass(plan, o, b, ms, static_cast<fp16_t*>(out.data_ptr())); break;
   }
-  return out;
 }
 
 void check_pair(const at::Tensor& base, const at::Tensor& model) {
@@ -813,14 +813,31 @@ void check_pair(const at::Tensor& base, const at::Tensor& model) {
   if (model.numel() != base.numel()) throw ValueError("model and base sizes differ");
 }
 
+// out of a merge into `like`'s shape: a contiguous float CPU tensor of that shape
+// whose memory is either disjoint from each input or exactly that input.
+void check_out(const at::Tensor& out, const at::Tensor& like, const std::vector<at::Tensor>& inputs) {
+  check_cpu(out, "out");
+  if (!out.sizes().equals(like.sizes()))
+    throw ValueError("out has shape " + c10::str(out.sizes()) + ", expected " + c10::str(like.sizes()));
+  const auto* o = static_cast<const char*>(out.data_ptr());
+  const auto o_bytes = static_cast<int64_t>(out.nbytes());
+  for (const at::Tensor& t : inputs) {
+    const auto* p = static_cast<const char*>(t.data_ptr());
+    const bool disjoint = o + o_bytes <= p || p + static_cast<int64_t>(t.nbytes()) <= o;
+    const bool same = p == o && t.scalar_type() == out.scalar_type();
+    if (!disjoint && !same)
+      throw ValueError("out partially overlaps an input; it may only be an input itself");
+  }
+}
+
 }  // namespace
 
-at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor>& models,
-                            const std::string& method, const std::vector<double>& weights,
-                            const std::vector<double>& densities, const std::vector<double>& gammas,
-                            double lambda, bool normalize, const std::string& rescale,
-                            const std::string& sign_method, int64_t seed,
-                            const std::vector<int64_t>& thresholds, const std::string& out_dtype) {
+void merge_sign_elect_out_(const at::Tensor& base, const std::vector<at::Tensor>& models,
+                           const std::string& method, const std::vector<double>& weights,
+                           const std::vector<double>& densities, const std::vector<double>& gammas,
+                           double lambda, bool normalize, const std::string& rescale,
+                           const std::string& sign_method, int64_t seed,
+                           const std::vector<int64_t>& thresholds, at::Tensor& out) {
   check_cpu(base, "base");
   const size_t n = models.size();
   if (n == 0) throw ValueError("models must hold at least one tensor");
@@ -835,25 +852,40 @@ at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor
     check_pair(base, m);
     if (!m.sizes().equals(base.sizes())) throw ValueError("models must have base's shape");
   }
-  const at::ScalarType odt = out_type(out_dtype);
-  if (base.numel() == 0) return at::empty(base.sizes(), base.options().dtype(odt));
+  std::vector<at::Tensor> inputs(models);
+  inputs.push_back(base);
+  check_out(out, base, inputs);
+  if (base.numel() == 0) return;
   if (base.numel() >= (int64_t(1) << 32) / 2)
     throw ValueError("merge_sign_elect: tensors of 2^31 elements or more are not supported");
   switch (base.scalar_type()) {
     case at::kFloat:
       return run<float>(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
-                        sign_method, seed, thresholds, odt);
+                        sign_method, seed, thresholds, out);
     case at::kBFloat16:
       return run<bf16_t>(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
-                         sign_method, seed, thresholds, odt);
+                         sign_method, seed, thresholds, out);
     default:
       return run<fp16_t>(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
-                         sign_method, seed, thresholds, odt);
+                         sign_method, seed, thresholds, out);
   }
 }
 
-at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
-                        bool normalize, const std::string& out_dtype) {
+at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor>& models,
+                            const std::string& method, const std::vector<double>& weights,
+                            const std::vector<double>& densities, const std::vector<double>& gammas,
+                            double lambda, bool normalize, const std::string& rescale,
+                            const std::string& sign_method, int64_t seed,
+                            const std::vector<int64_t>& thresholds, const std::string& out_dtype) {
+  check_cpu(base, "base");
+  at::Tensor out = new_output(base.sizes(), base.options().dtype(out_type(out_dtype)));
+  merge_sign_elect_out_(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
+                        sign_method, seed, thresholds, out);
+  return out;
+}
+
+void merge_linear_out_(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                       bool normalize, at::Tensor& out) {
   const size_t n = models.size();
   if (n == 0) throw ValueError("models must hold at least one tensor");
   if (weights.size() != n) throw ValueError("merge_linear: one weight per model");
@@ -863,19 +895,19 @@ at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector
     check_pair(first, m);
     if (!m.sizes().equals(first.sizes())) throw ValueError("models must share one shape");
   }
-  const at::ScalarType odt = out_type(out_dtype);
+  check_out(out, first, models);
   std::vector<float> w(weights.begin(), weights.end());
   // The divisor exactly as the reference takes it: torch's fp32 sum of the weights
   // (its summation order is torch's, not necessarily left to right).
   const float divisor = at::tensor(w).sum().item<float>();
-  at::Tensor out = new_output(first.sizes(), first.options().dtype(odt));
   const int64_t numel = first.numel();
-  if (numel == 0) return out;
+  if (numel == 0) return;
+  // Each element of out is written after every model's element is read: out may be a model.
   auto dispatch = [&](auto tag) {
     using T = decltype(tag);
     std::vector<const T*> ms;
     for (const at::Tensor& m : models) ms.push_back(static_cast<const T*>(m.data_ptr()));
-    switch (odt) {
+    switch (out.scalar_type()) {
       case at::kFloat: linear_pass(ms, w, normalize, divisor, numel, static_cast<float*>(out.data_ptr())); break;
       case at::kBFloat16: linear_pass(ms, w, normalize, divisor, numel, static_cast<bf16_t*>(out.data_ptr())); break;
       default: linear_pass(ms, w, normalize, divisor, numel, static_cast<fp16_t*>(out.data_ptr())); break;
@@ -886,6 +918,14 @@ at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector
     case at::kBFloat16: dispatch(bf16_t{}); break;
     default: dispatch(fp16_t{}); break;
   }
+}
+
+at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                        bool normalize, const std::string& out_dtype) {
+  if (models.empty()) throw ValueError("models must hold at least one tensor");
+  check_cpu(models[0], "models[0]");
+  at::Tensor out = new_output(models[0].sizes(), models[0].options().dtype(out_type(out_dtype)));
+  merge_linear_out_(models, weights, normalize, out);
   return out;
 }
 

@@ -33,11 +33,26 @@ at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor
                             const std::string& sign_method, int64_t seed,
                             const std::vector<int64_t>& thresholds, const std::string& out_dtype);
 
+// merge_sign_elect into `out` (a contiguous float32/bfloat16/float16 CPU tensor of
+// base's shape; its dtype is the output dtype). out may be base or one of the
+// models (each element is written after its inputs are read), but must not
+// partially overlap any of them. Nothing is written before every check passed.
+void merge_sign_elect_out_(const at::Tensor& base, const std::vector<at::Tensor>& models,
+                           const std::string& method, const std::vector<double>& weights,
+                           const std::vector<double>& densities, const std::vector<double>& gammas,
+                           double lambda, bool normalize, const std::string& rescale,
+                           const std::string& sign_method, int64_t seed,
+                           const std::vector<int64_t>& thresholds, at::Tensor& out);
+
 // merge_tensors(base, models, "linear"): sum_i fma(fp32(m_i), w_i, .) in model order,
 // divided by torch's fp32 sum of the weights when normalize (the Python layer
 // rejects a zero sum), rounded once to out_dtype. The base is not used.
 at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
                         bool normalize, const std::string& out_dtype);
+
+// merge_linear into `out` (as merge_sign_elect_out_: out may be one of the models).
+void merge_linear_out_(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                       bool normalize, at::Tensor& out);
 
 // Radix histogram (as radix_histogram of an fp32 tensor) of the magnitude keys
 // of fp32(model) - fp32(base), computed on the fly (no delta is stored).

@@ -493,12 +493,33 @@ void check_pair(const at::Tensor& base, const at::Tensor& model, const char* op)
   if (model.numel() != base.numel()) throw ValueError("model and base sizes differ");
 }
 
+// out of a merge: a contiguous float tensor of base's shape on base's device whose
+// memory is either disjoint from each input or exactly that input (each thread
+// loads its elements of every input before it stores them: in place is safe).
+void check_out(const at::Tensor& out, const at::Tensor& base, const std::vector<at::Tensor>& models,
+               const char* op) {
+  check_input(out, op, "out");
+  check_same_device(base, out, op);
+  if (!supported(out.scalar_type())) throw TypeError("out must be float32, bfloat16 or float16");
+  if (!out.sizes().equals(base.sizes())) throw ValueError("out must have base's shape");
+  const auto* o = static_cast<const char*>(out.const_data_ptr());
+  const auto o_bytes = static_cast<int64_t>(out.nbytes());
+  std::vector<at::Tensor> inputs(models);
+  inputs.push_back(base);
+  for (const at::Tensor& t : inputs) {
+    const auto* p = static_cast<const char*>(t.const_data_ptr());
+    const bool disjoint = o + o_bytes <= p || p + static_cast<int64_t>(t.nbytes()) <= o;
+    if (!disjoint && !(p == o && t.scalar_type() == out.scalar_type()))
+      throw ValueError("out partially overlaps an input; it may only be an input itself");
+  }
+}
+
 template <typename T>
-at::Tensor run(const at::Tensor& base, const std::vector<at::Tensor>& models, const std::string& method,
-               const std::vector<double>& weights, const std::vector<double>& densities,
-               const std::vector<double>& gammas, double lambda, bool normalize,
-               const std::string& rescale, const std::string& sign_method, int64_t seed,
-               const std::vector<int64_t>& thresholds, at::ScalarType odt) {
+void run(const at::Tensor& base, const std::vector<at::Tensor>& models, const std::string& method,
+         const std::vector<double>& weights, const std::vector<double>& densities,
+         const std::vector<double>& gammas, double lambda, bool normalize,
+         const std::string& rescale, const std::string& sign_method, int64_t seed,
+         const std::vector<int64_t>& thresholds, at::Tensor& out) {
   const int64_t n = base.numel();
   const int nmodels = static_cast<int>(models.size());
   const int64_t ntiles = (n + kTile - 1) / kTile;
@@ -635,9 +656,8 @@ at::Tensor run(const at::Tensor& base, const std::vector<at::Tensor>& models, co
   for (int i = 0; i < nmodels; ++i) div = i == 0 ? args[i].w : div + args[i].w;
   f.divisor = std::fabs(div) < 1e-8f ? 1.0f : div;
 
-  at::Tensor out = at::empty(base.sizes(), base.options().dtype(odt));
   const ModelArgs* args_ptr = reinterpret_cast<const ModelArgs*>(args_dev.const_data_ptr());
-  dispatch_float(odt, "merge_sign_elect", [&](auto tag) {
+  dispatch_float(out.scalar_type(), "merge_sign_elect", [&](auto tag) {
     using O = typename decltype(tag)::type;
     O* o = static_cast<O*>(out.data_ptr());
     const bool out_vec_ok = pack_aligned<O, kItems>(o);
@@ -651,17 +671,16 @@ at::Tensor run(const at::Tensor& base, const std::vector<at::Tensor>& models, co
     if (consensus) launch(merge_kernel<T, O, true>);
     else launch(merge_kernel<T, O, false>);
   });
-  return out;
 }
 
 }  // namespace
 
-at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor>& models,
-                            const std::string& method, const std::vector<double>& weights,
-                            const std::vector<double>& densities, const std::vector<double>& gammas,
-                            double lambda, bool normalize, const std::string& rescale,
-                            const std::string& sign_method, int64_t seed,
-                            const std::vector<int64_t>& thresholds, const std::string& out_dtype) {
+void merge_sign_elect_out_(const at::Tensor& base, const std::vector<at::Tensor>& models,
+                           const std::string& method, const std::vector<double>& weights,
+                           const std::vector<double>& densities, const std::vector<double>& gammas,
+                           double lambda, bool normalize, const std::string& rescale,
+                           const std::string& sign_method, int64_t seed,
+                           const std::vector<int64_t>& thresholds, at::Tensor& out) {
   const char* op = "merge_sign_elect";
   check_input(base, op, "base");
   if (!supported(base.scalar_type())) throw TypeError("base must be float32, bfloat16 or float16");
@@ -678,15 +697,26 @@ at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor
     check_pair(base, m, op);
     if (!m.sizes().equals(base.sizes())) throw ValueError("models must have base's shape");
   }
-  const at::ScalarType odt = out_type(out_dtype);
+  check_out(out, base, models, op);
   c10::cuda::CUDAGuard guard(base.device());
-  if (base.numel() == 0) return at::empty(base.sizes(), base.options().dtype(odt));
-  at::Tensor out;
+  if (base.numel() == 0) return;
   dispatch_float(base.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    out = run<T>(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
-                 sign_method, seed, thresholds, odt);
+    run<T>(base, models, method, weights, densities, gammas, lambda, normalize, rescale, sign_method,
+           seed, thresholds, out);
   });
+}
+
+at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor>& models,
+                            const std::string& method, const std::vector<double>& weights,
+                            const std::vector<double>& densities, const std::vector<double>& gammas,
+                            double lambda, bool normalize, const std::string& rescale,
+                            const std::string& sign_method, int64_t seed,
+                            const std::vector<int64_t>& thresholds, const std::string& out_dtype) {
+  check_input(base, "merge_sign_elect", "base");
+  at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_type(out_dtype)));
+  merge_sign_elect_out_(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
+                        sign_method, seed, thresholds, out);
   return out;
 }
 

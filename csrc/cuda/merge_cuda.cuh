@@ -34,6 +34,15 @@ at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor
                             const std::string& sign_method, int64_t seed,
                             const std::vector<int64_t>& thresholds, const std::string& out_dtype);
 
+// merge_sign_elect into `out` (base's shape and device, contiguous; its dtype is
+// the output dtype); out may be base or a model but not partially overlap one.
+void merge_sign_elect_out_(const at::Tensor& base, const std::vector<at::Tensor>& models,
+                           const std::string& method, const std::vector<double>& weights,
+                           const std::vector<double>& densities, const std::vector<double>& gammas,
+                           double lambda, bool normalize, const std::string& rescale,
+                           const std::string& sign_method, int64_t seed,
+                           const std::vector<int64_t>& thresholds, at::Tensor& out);
+
 // Radix histogram of the magnitude keys of fp32(model) - fp32(base), formed
 // on the fly (no delta is stored).
 at::Tensor merge_delta_histogram(const at::Tensor& base, const at::Tensor& model, int64_t level,

@@ -13,7 +13,9 @@ tensors under ``TRITON_INTERPRET=1``) and the ``cuda`` backend
 ``linear`` goes through ``torch.ops.deltaops.merge_linear`` (one fused pass;
 CPU kernel only so far: the triton and cuda backends run its reference). The
 other methods (della*, slerp, model_stock, sce) and the ``reference`` backend
-run the reference.
+run the reference. With ``out=``, the same kernels write into the caller's
+tensor through the mutating ops ``merge_sign_elect_out_`` and
+``merge_linear_out_`` (the allocating ops are those plus an allocation).
 
 Exactness: the kernels are bit-exact against the reference (and each other)
 except for ``rescale`` ``"l1"``/``"l2"`` (the default of dare_*): the reference
@@ -32,6 +34,7 @@ from torch import Tensor
 from .. import backends
 from ..reference import merge as ref
 from ..reference.merge import METHODS, topk_thresholds
+from . import _checks as check
 from ._registry import define
 
 __all__ = ["METHODS", "FUSED_METHODS", "merge_tensors", "topk_thresholds"]
@@ -111,10 +114,22 @@ def _merge_sign_elect_fake(base, models, method, weights, densities, gammas, lam
     return torch.empty(base.shape, dtype=_DTYPES[out_dtype], device=base.device)
 
 
+def _merge_sign_elect_out_(base: Tensor, models: list[Tensor], method: str, weights: list[float],
+                           densities: list[float], gammas: list[float], lambda_: float,
+                           normalize: bool, rescale: str, sign_method: str, seed: int,
+                           thresholds: list[int], out: Tensor) -> None:
+    out.copy_(_merge_sign_elect(base, models, method, weights, densities, gammas, lambda_,
+                                normalize, rescale, sign_method, seed, thresholds,
+                                _DTYPE_NAMES[out.dtype]))
+
+
+def _nothing(*args):
+    return None
+
+
 merge_sign_elect_op = define("merge_sign_elect", _merge_sign_elect, _merge_sign_elect_fake)
-# The reference backend's table lists deltaops.reference.sparse only: give it this op's
-# reference too, so that use_backend("reference") runs the op (opcheck does).
-backends.get("reference").table.setdefault("merge_sign_elect", _merge_sign_elect)
+merge_sign_elect_out_op = define("merge_sign_elect_out_", _merge_sign_elect_out_, _nothing,
+                                 mutates_args=("out",))
 
 
 def _merge_linear(models: list[Tensor], weights: list[float], normalize: bool,
@@ -126,8 +141,22 @@ def _merge_linear_fake(models, weights, normalize, out_dtype):
     return torch.empty(models[0].shape, dtype=_DTYPES[out_dtype], device=models[0].device)
 
 
+def _merge_linear_out_(models: list[Tensor], weights: list[float], normalize: bool,
+                       out: Tensor) -> None:
+    out.copy_(_merge_linear(models, weights, normalize, _DTYPE_NAMES[out.dtype]))
+
+
 merge_linear_op = define("merge_linear", _merge_linear, _merge_linear_fake)
-backends.get("reference").table.setdefault("merge_linear", _merge_linear)
+merge_linear_out_op = define("merge_linear_out_", _merge_linear_out_, _nothing,
+                             mutates_args=("out",))
+
+# The reference backend's table lists deltaops.reference.sparse only: give it these
+# ops' references too, so that use_backend("reference") runs them (opcheck does).
+for _name, _reference in (("merge_sign_elect", _merge_sign_elect),
+                          ("merge_sign_elect_out_", _merge_sign_elect_out_),
+                          ("merge_linear", _merge_linear),
+                          ("merge_linear_out_", _merge_linear_out_)):
+    backends.get("reference").table.setdefault(_name, _reference)
 
 
 def _use_fused(op: str) -> bool:
@@ -157,27 +186,54 @@ def merge_tensors(base: Tensor, models, method: str, *, weights=None, density=1.
                   lambda_: float = 1.0, normalize: Optional[bool] = None, rescale=None,
                   sign_method: str = "sum", gamma=0.01, epsilon=0.15,
                   seed: Optional[int] = None, thresholds=None,
-                  out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                  out_dtype: Optional[torch.dtype] = None, out: Optional[Tensor] = None) -> Tensor:
     """Merge ``models`` (fine-tunes of ``base``) into one tensor: see
     :func:`deltaops.reference.merge.merge_tensors` (the specification, options,
-    errors). The methods in :data:`FUSED_METHODS` run the fused kernel of the
-    selected backend (``cpu``, ``triton`` or ``cuda``; ``auto`` picks by device)."""
+    errors). The methods in :data:`FUSED_METHODS` and ``linear`` run the fused
+    kernel of the selected backend (``cpu``, ``triton`` or ``cuda``; ``auto``
+    picks by device).
+
+    ``out``: write the merge there and return it: a contiguous tensor of
+    ``base``'s shape and device whose dtype is the output dtype (``out_dtype``
+    defaults to it). A loop over a checkpoint reuses one buffer instead of
+    faulting in a fresh output per tensor, and ``out=base`` merges in place
+    (``out`` may be ``base`` or one of the models, but must not partially
+    overlap them). Every check runs before the first write to ``out``.
+    """
     given = {"weights": weights, "density": density, "lambda_": lambda_, "normalize": normalize,
              "rescale": rescale, "sign_method": sign_method, "gamma": gamma,
              "epsilon": epsilon, "thresholds": thresholds}
+    if out is not None:
+        check.tensor("out", out)
+        if out_dtype is None:
+            out_dtype = out.dtype
     fused = method in FUSED_METHODS or method == "linear"
     op = "merge_linear" if method == "linear" else "merge_sign_elect"
+    if out is not None:
+        op += "_out_"
     if not fused or not isinstance(base, Tensor) or not _use_fused(op):
-        return ref.merge_tensors(base, models, method, seed=seed, out_dtype=out_dtype, **given)
+        if out is None:
+            return ref.merge_tensors(base, models, method, seed=seed, out_dtype=out_dtype, **given)
+        models, out_dtype = ref.check_call(base, models, method, out_dtype, given)
+        _check_out(out, base, models, out_dtype)
+        return out.copy_(ref.merge_tensors(base, models, method, seed=seed, out_dtype=out_dtype,
+                                           **given))
     models, out_dtype = ref.check_call(base, models, method, out_dtype, given)
+    if out is not None:
+        _check_out(out, base, models, out_dtype)
     n = len(models)
     if base.numel() == 0:
         ref._per_model("weights", weights, n, 1.0)  # still validate
-        return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+        return out if out is not None else torch.empty(base.shape, dtype=out_dtype,
+                                                       device=base.device)
+    models = [m.contiguous() for m in models]
     if method == "linear":
         weights, normalize = ref.linear_options(n, weights, normalize)
-        return merge_linear_op([m.contiguous() for m in models], [float(w) for w in weights],
-                               normalize, _DTYPE_NAMES[out_dtype])
+        weights = [float(w) for w in weights]
+        if out is not None:
+            merge_linear_out_op(models, weights, normalize, out)
+            return out
+        return merge_linear_op(models, weights, normalize, _DTYPE_NAMES[out_dtype])
     options = ref.task_arithmetic_options(method, n, seed=seed, **given)
     spec = ref.TASK_ARITHMETIC[method]
     flat = encode_thresholds(None if thresholds is None else options["thresholds"],
@@ -187,10 +243,31 @@ def merge_tensors(base: Tensor, models, method: str, *, weights=None, density=1.
         for i, d in enumerate(densities):
             if d <= 0 and (thresholds is not None and options["thresholds"][i] is not None):
                 raise ValueError(f"rescale='density' needs density > 0 (model {i})")
-    return merge_sign_elect_op(base.contiguous(), [m.contiguous() for m in models], method,
-                               [float(w) for w in options["weights"]],
-                               [float(d) for d in densities],
-                               [float(g) for g in options["gammas"]], float(options["lambda_"]),
-                               bool(options["normalize"]), rescale or "",
-                               options["sign_method"], int(options["seed"]), flat,
-                               _DTYPE_NAMES[out_dtype])
+    args = (base.contiguous(), models, method, [float(w) for w in options["weights"]],
+            [float(d) for d in densities], [float(g) for g in options["gammas"]],
+            float(options["lambda_"]), bool(options["normalize"]), rescale or "",
+            options["sign_method"], int(options["seed"]), flat)
+    if out is not None:
+        merge_sign_elect_out_op(*args, out)
+        return out
+    return merge_sign_elect_op(*args, _DTYPE_NAMES[out_dtype])
+
+
+def _check_out(out: Tensor, base: Tensor, models: list[Tensor], out_dtype: torch.dtype) -> None:
+    """``out`` of a merge: the output dtype, base's shape and device, contiguous, and
+    either disjoint from each input or that input itself (elementwise in place)."""
+    if out.dtype != out_dtype:
+        raise TypeError(f"out has dtype {out.dtype}, but out_dtype is {out_dtype}")
+    if out.shape != base.shape or out.device != base.device:
+        raise ValueError(f"out must have base's shape and device: expected {tuple(base.shape)} "
+                         f"on {base.device}, got {tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    start, end = out.data_ptr(), out.data_ptr() + out.nbytes
+    for name, t in (("base", base), *((f"models[{i}]", m) for i, m in enumerate(models))):
+        t_start = t.data_ptr()
+        t_end = t_start + t.numel() * t.element_size()
+        same = t_start == start and t.is_contiguous() and t.dtype == out.dtype
+        if start < t_end and t_start < end and not same:
+            raise ValueError(f"out partially overlaps {name}; it may be {name} itself "
+                             "(same memory, contiguous, same dtype) or separate from it")
