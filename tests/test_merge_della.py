@@ -162,8 +162,8 @@ def test_options(method, dtype, threads):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_equal_magnitudes_and_zero_rows(dtype, threads):
     """Ranks among equal keys (lower index ranks higher), rows of one repeated value,
-    all-zero deltas (every key equal: no sort pass), and keys spread over every radix
-    digit (fp32 magnitudes from 1e-30 to 1e30)."""
+    all-zero deltas (every key equal: no sort pass), one-, two- and three-pass sorts
+    (keys differing in few bits, bf16 deltas, fp32 magnitudes from 1e-30 to 1e30)."""
     g = torch.Generator().manual_seed(8)
     base = torch.ones((6, 700)).to(dtype)
     levels = torch.tensor([0.0, 0.25, -0.25, 0.5, -0.125])
@@ -173,6 +173,13 @@ def test_equal_magnitudes_and_zero_rows(dtype, threads):
     models[2][3] = (base[3].float() + 0.5).to(dtype)    # one key over the whole row
     for method in METHODS:
         check(base, models, method, f"{method} ties", density=0.5, epsilon=0.3,
+              rescale="density")
+    # rows of 5000: 13-bit digits, one pass when the keys differ in few bits, two otherwise
+    base = torch.ones((2, 5000)).to(dtype)
+    few = [(base.float() + levels[torch.randint(0, 5, (2, 5000), generator=g)]).to(dtype),
+           (base.float() + torch.randn((2, 5000), generator=g) * 0.01).to(dtype)]
+    for method in METHODS:
+        check(base, few, method, f"{method} long rows", density=0.5, epsilon=0.3,
               rescale="density")
     if dtype == torch.float32:
         wide = torch.randn((4, 999), generator=g) * torch.pow(

@@ -689,9 +689,10 @@ RowGeom row_geom(const at::Tensor& base) {
   return g;
 }
 
-constexpr int kDigitBits = 11;
-constexpr uint32_t kDigitMask = (1u << kDigitBits) - 1;
-constexpr int kDigits = 3;  // 33 bits cover the 31-bit keys
+// Radix digits of the rank sort: up to 13 bits on long rows (two 32 KiB histograms),
+// 11 bits otherwise; rows up to kSmallRow elements are ranked by direct counting.
+constexpr int kMaxDigitBits = 13;
+constexpr int kSmallRow = 48;
 
 // Per-thread scratch of one row (n elements); xs holds every model's weighted row for
 // the sign election (consensus only).
@@ -699,7 +700,7 @@ struct DellaScratch {
   std::vector<float> bf, d, rn, u, mk, acc, xs;
   std::vector<uint32_t> keys;
   std::vector<uint64_t> items, tmp;
-  std::vector<uint32_t> hist;  // kDigits << kDigitBits
+  std::vector<uint32_t> hist;
   void init(int64_t n, int nmodels, bool consensus) {
     if (!bf.empty()) return;
     const size_t len = static_cast<size_t>(n);
@@ -708,62 +709,93 @@ struct DellaScratch {
     keys.resize(len);
     items.resize(len);
     tmp.resize(len);
-    hist.resize(static_cast<size_t>(kDigits) << kDigitBits);
+    hist.resize(size_t(3) << kMaxDigitBits);
   }
 };
 
 // out[k] = rank_norm[q_k] for the n deltas d of a row, q_k the ascending rank of |d_k|
 // counted from 0 with equal keys ordered as in top-k (the lower index ranks higher):
-// the reference's fp32((r - 1) / (n - 1)), tabulated in rank_norm. A stable LSD radix
-// sort of (key, index) with 11-bit digits, fed in descending index order so that equal
-// keys end up with the higher index first; digits on which every key agrees are skipped.
+// the reference's fp32((r - 1) / (n - 1)), tabulated in rank_norm.
+//
+// A stable LSD radix sort of (key, index), fed in descending index order so that equal
+// keys keep the higher index first. Only the bits in which the row's keys differ are
+// sorted on (bf16 deltas rarely differ in more than 26), in one to three passes whose
+// digits split that span evenly; the last pass writes out[] directly instead of moving
+// the items once more.
 void della_rank_norms(const float* __restrict d, int64_t n, const float* __restrict rank_norm,
                       DellaScratch& sc, float* __restrict out) {
   uint32_t* __restrict keys = sc.keys.data();
-  uint32_t* __restrict h = sc.hist.data();
-  std::fill(sc.hist.begin(), sc.hist.end(), 0u);
+  const uint32_t key0 = delta_key(d[0]);
+  uint32_t diff = 0;
   for (int64_t k = 0; k < n; ++k) {
     const uint32_t key = delta_key(d[k]);
     keys[k] = key;
-    ++h[key & kDigitMask];
-    ++h[(1 << kDigitBits) + ((key >> kDigitBits) & kDigitMask)];
-    ++h[(2 << kDigitBits) + (key >> (2 * kDigitBits))];
+    diff |= key ^ key0;
   }
-  int passes[kDigits], npasses = 0;
-  for (int p = 0; p < kDigits; ++p) {
-    const uint32_t digit = (keys[0] >> (p * kDigitBits)) & kDigitMask;
-    if (h[(p << kDigitBits) + digit] != static_cast<uint32_t>(n)) passes[npasses++] = p;
-  }
-  if (npasses == 0) {  // every key equal: the lower index ranks higher
+  if (diff == 0) {  // every key equal: the lower index ranks higher
     for (int64_t k = 0; k < n; ++k) out[k] = rank_norm[n - 1 - k];
     return;
   }
-  uint64_t* src = sc.items.data();
-  uint64_t* dst = sc.tmp.data();
-  for (int q = 0; q < npasses; ++q) {
-    const int p = passes[q];
-    uint32_t* __restrict off = h + (p << kDigitBits);
+  if (n <= kSmallRow) {  // rank by counting: keys below, and equal keys at higher indices
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t key = keys[k];
+      int64_t q = 0;
+      for (int64_t j = 0; j < n; ++j) q += keys[j] < key || (keys[j] == key && j > k);
+      out[k] = rank_norm[q];
+    }
+    return;
+  }
+  const int lo = __builtin_ctz(diff), span = 32 - __builtin_clz(diff) - lo;
+  const int max_bits = n >= 4096 ? kMaxDigitBits : 11;
+  const int npasses = (span + max_bits - 1) / max_bits;
+  const int bits = (span + npasses - 1) / npasses;
+  const uint32_t mask = (1u << bits) - 1;
+  const size_t nb = size_t(1) << bits;
+  uint32_t* __restrict h = sc.hist.data();
+  std::fill(h, h + npasses * nb, 0u);
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t v = keys[k] >> lo;
+    ++h[v & mask];
+    if (npasses > 1) ++h[nb + ((v >> bits) & mask)];
+    if (npasses > 2) ++h[2 * nb + (v >> (2 * bits))];
+  }
+  for (int p = 0; p < npasses; ++p) {
+    uint32_t* __restrict off = h + p * nb;
     uint32_t sum = 0;
-    for (uint32_t v = 0; v <= kDigitMask; ++v) {
+    for (size_t v = 0; v < nb; ++v) {
       const uint32_t c = off[v];
       off[v] = sum;
       sum += c;
     }
-    const int shift = p * kDigitBits;
-    if (q == 0) {
-      for (int64_t k = n - 1; k >= 0; --k) {
-        const uint32_t key = keys[k];
-        dst[off[(key >> shift) & kDigitMask]++] = (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(k);
-      }
-    } else {
-      for (int64_t k = 0; k < n; ++k) {
-        const uint64_t item = src[k];
-        dst[off[(item >> (32 + shift)) & kDigitMask]++] = item;
-      }
+  }
+  if (npasses == 1) {
+    for (int64_t k = n - 1; k >= 0; --k) out[k] = rank_norm[h[(keys[k] >> lo) & mask]++];
+    return;
+  }
+  uint64_t* __restrict src = sc.items.data();
+  uint64_t* __restrict dst = sc.tmp.data();
+  for (int64_t k = n - 1; k >= 0; --k) {  // pass 0: from the keys, descending index
+    const uint32_t v = keys[k] >> lo;
+    src[h[v & mask]++] = (static_cast<uint64_t>(v) << 32) | static_cast<uint64_t>(k);
+  }
+  for (int p = 1; p < npasses - 1; ++p) {
+    uint32_t* __restrict off = h + p * nb;
+    const int shift = 32 + p * bits;
+    for (int64_t k = 0; k < n; ++k) {
+      const uint64_t item = src[k];
+      dst[off[(item >> shift) & mask]++] = item;
     }
     std::swap(src, dst);
   }
-  for (int64_t pos = 0; pos < n; ++pos) out[static_cast<uint32_t>(src[pos])] = rank_norm[pos];
+  {  // the last pass: the sorted position of each item is its rank
+    const int p = npasses - 1;
+    uint32_t* __restrict off = h + p * nb;
+    const int shift = 32 + p * bits;
+    for (int64_t k = 0; k < n; ++k) {
+      const uint64_t item = src[k];
+      out[static_cast<uint32_t>(item)] = rank_norm[off[(item >> shift) & mask]++];
+    }
+  }
 }
 
 // sc.mk = model i's sparsified row (before any norm rescale), sc.d its delta; sc.bf holds
