@@ -1,7 +1,7 @@
 // deltaops._C: the fused CPU kernel of the sign-elect / task-arithmetic
 // family of merge_tensors (task_arithmetic, ties, dare_ties, dare_linear,
-// breadcrumbs, breadcrumbs_ties). python/deltaops/reference/merge.py is the
-// specification.
+// breadcrumbs, breadcrumbs_ties, della, della_linear).
+// python/deltaops/reference/merge.py is the specification.
 //
 // Loops are compiled for the build's baseline ISA only (x86-64-v3 by
 // default); no per-ISA table yet.
@@ -20,6 +20,9 @@
 //      with the reference's rounding points (no FMA: -ffp-contract=off), one
 //      rounding to the output dtype.
 // Chunks have a fixed size, so results do not depend on the thread count.
+// della and della_linear replace passes 3 and 4 by passes over chunks of whole
+// rows, which sort each row's keys per model when they reach it (see "della"
+// below).
 // Exactness: everything is bit-exact against the reference except the norm
 // rescale factors, which the reference takes from torch's fp32 reductions
 // (order not pinned); here they come from double sums rounded to fp32.

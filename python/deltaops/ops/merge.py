@@ -12,18 +12,20 @@ tensors under ``TRITON_INTERPRET=1``) and the ``cuda`` backend
 (``deltaops._C_cuda.merge_sign_elect``) run the same plan on the GPU.
 ``linear`` goes through ``torch.ops.deltaops.merge_linear`` (one fused pass;
 CPU kernel only so far: the triton and cuda backends run its reference).
-``della`` and ``della_linear`` run fused on the ``cpu`` backend only (their
-per-row rank probabilities are sorted row by row in the CPU kernel's della
-passes); the triton and cuda backends run their reference. The other methods
-(slerp, model_stock, sce) and the ``reference`` backend run the reference. With ``out=``, the same kernels write into the caller's
-tensor through the mutating ops ``merge_sign_elect_out_`` and
-``merge_linear_out_`` (the allocating ops are those plus an allocation).
+``della`` and ``della_linear`` run fused on the ``cpu`` backend only (each
+row's rank probabilities come from a radix sort of that row, per model, when
+the CPU kernel's della passes reach it); the triton and cuda backends run
+their reference. The other methods (slerp, model_stock, sce) and the
+``reference`` backend run the reference. With ``out=``, the same kernels
+write into the caller's tensor through the mutating ops
+``merge_sign_elect_out_`` and ``merge_linear_out_`` (the allocating ops are
+those plus an allocation).
 
 Exactness: the kernels are bit-exact against the reference (and each other)
-except for ``rescale`` ``"l1"``/``"l2"`` (the default of dare_*): the reference
-takes the norms from torch's fp32 reductions, whose order is not pinned; the
-CPU kernel sums in double per fixed chunk, the GPU kernels in double per tile,
-so their scale factors (and results) agree within a few ulps.
+except for ``rescale`` ``"l1"``/``"l2"`` (the default of dare_* and della*):
+the reference takes the norms from torch's fp32 reductions, whose order is
+not pinned; the CPU kernel sums in double per fixed chunk, the GPU kernels in
+double per tile, so their scale factors (and results) agree within a few ulps.
 """
 
 from __future__ import annotations
