@@ -41,7 +41,7 @@ from ..reference.merge import METHODS, topk_thresholds
 from . import _checks as check
 from ._registry import define
 
-__all__ = ["METHODS", "FUSED_METHODS", "merge_tensors", "topk_thresholds"]
+__all__ = ["METHODS", "FUSED_METHODS", "GPU_FUSED_METHODS", "merge_tensors", "topk_thresholds"]
 
 FUSED_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                  "breadcrumbs_ties", "della", "della_linear")
@@ -49,6 +49,8 @@ FUSED_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcr
 # reference (see _use_fused). The op passes della's epsilons in the ``gammas`` slot
 # (della has no gamma), so the op's schema is the same for every method.
 DELLA_METHODS = ("della", "della_linear")
+# The methods of the triton and cuda kernels (deltaops::merge_sign_elect on the GPU).
+GPU_FUSED_METHODS = tuple(m for m in FUSED_METHODS if m not in DELLA_METHODS)
 # "linear" has its own kernel (deltaops::merge_linear): a weighted average, no base.
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
