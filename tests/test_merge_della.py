@@ -292,3 +292,18 @@ def test_other_backends_run_the_reference(monkeypatch):
     with deltaops.use_backend("cpu"):
         assert ops_merge._use_fused("merge_sign_elect", "della", base)
     assert not calls
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck(backend):
+    """The custom ops with della (epsilons in the gammas slot) on the cpu kernel and the
+    reference: schema, fake implementation, autograd registration."""
+    x = torch.randn(9, 11).bfloat16()
+    models = [x + 0.01 * torch.randn(9, 11).bfloat16(), x - 0.02 * torch.randn(9, 11).bfloat16()]
+    for method in METHODS:
+        args = (x, models, method, [1.0, 0.5], [0.5, 0.3], [0.1, 0.2], 1.0, True, "density",
+                "sum", 3, [])
+        with deltaops.use_backend(backend):
+            torch.library.opcheck(ops_merge.merge_sign_elect_op, (*args, "float32"))
+            torch.library.opcheck(ops_merge.merge_sign_elect_out_op,
+                                  (*args, torch.empty(9, 11, dtype=torch.float32)))
