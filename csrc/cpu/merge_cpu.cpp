@@ -839,9 +839,12 @@ void della_row(const Plan& plan, const RowGeom& g, const float* rank_norm, int i
   }
   const float low = cfg.low, width = cfg.width;
   if (plan.rescale == kDensity) {
+    // divide every element, then select with integer ops (+0.0 where dropped): a
+    // division under the keep branch would neither vectorize nor predict
     for (int64_t k = 0; k < n; ++k) {
       const float p = low + rn[k] * width;
-      mk[k] = u[k] < p ? d[k] / p : 0.0f;
+      const uint32_t keep = 0u - static_cast<uint32_t>(u[k] < p);
+      mk[k] = f32_from_bits(f32_bits(d[k] / p) & keep);
     }
   } else {
     for (int64_t k = 0; k < n; ++k) {
