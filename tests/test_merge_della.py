@@ -174,7 +174,7 @@ def test_equal_magnitudes_and_zero_rows(dtype, threads):
     for method in METHODS:
         check(base, models, method, f"{method} ties", density=0.5, epsilon=0.3,
               rescale="density")
-    # rows of 5000: 13-bit digits, one pass when the keys differ in few bits, two otherwise
+    # rows of 5000: one radix pass when the keys differ in few bits, three otherwise
     base = torch.ones((2, 5000)).to(dtype)
     few = [(base.float() + levels[torch.randint(0, 5, (2, 5000), generator=g)]).to(dtype),
            (base.float() + torch.randn((2, 5000), generator=g) * 0.01).to(dtype)]

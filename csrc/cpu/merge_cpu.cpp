@@ -692,9 +692,10 @@ RowGeom row_geom(const at::Tensor& base) {
   return g;
 }
 
-// Radix digits of the rank sort: up to 13 bits on long rows (two 32 KiB histograms),
-// 11 bits otherwise; rows up to kSmallRow elements are ranked by direct counting.
-constexpr int kMaxDigitBits = 13;
+// Radix digits of the rank sort: at most 11 bits (three passes cover 31-bit keys; on
+// 4096x11008 bf16 rows three passes of ~8 bits, whose histograms stay in L1, beat two
+// of ~12 bits); rows up to kSmallRow elements are ranked by direct counting.
+constexpr int kMaxDigitBits = 11;
 constexpr int kSmallRow = 48;
 
 // Per-thread scratch of one row (n elements); xs holds every model's weighted row for
@@ -722,9 +723,8 @@ struct DellaScratch {
 //
 // A stable LSD radix sort of (key, index), fed in descending index order so that equal
 // keys keep the higher index first. Only the bits in which the row's keys differ are
-// sorted on (bf16 deltas rarely differ in more than 26), in one to three passes whose
-// digits split that span evenly; the last pass writes out[] directly instead of moving
-// the items once more.
+// sorted on, in one to three passes whose digits split that span evenly; the last pass
+// writes out[] directly instead of moving the items once more.
 void della_rank_norms(const float* __restrict d, int64_t n, const float* __restrict rank_norm,
                       DellaScratch& sc, float* __restrict out) {
   uint32_t* __restrict keys = sc.keys.data();
@@ -749,8 +749,7 @@ void della_rank_norms(const float* __restrict d, int64_t n, const float* __restr
     return;
   }
   const int lo = __builtin_ctz(diff), span = 32 - __builtin_clz(diff) - lo;
-  const int max_bits = n >= 4096 ? kMaxDigitBits : 11;
-  const int npasses = (span + max_bits - 1) / max_bits;
+  const int npasses = (span + kMaxDigitBits - 1) / kMaxDigitBits;
   const int bits = (span + npasses - 1) / npasses;
   const uint32_t mask = (1u << bits) - 1;
   const size_t nb = size_t(1) << bits;
@@ -760,7 +759,7 @@ void della_rank_norms(const float* __restrict d, int64_t n, const float* __restr
     const uint32_t v = keys[k] >> lo;
     ++h[v & mask];
     if (npasses > 1) ++h[nb + ((v >> bits) & mask)];
-    if (npasses > 2) ++h[2 * nb + (v >> (2 * bits))];
+    if (npasses > 2) ++h[2 * nb + ((v >> (2 * bits)) & mask)];  // v keeps the constant high bits
   }
   for (int p = 0; p < npasses; ++p) {
     uint32_t* __restrict off = h + p * nb;
@@ -775,8 +774,8 @@ void della_rank_norms(const float* __restrict d, int64_t n, const float* __restr
     for (int64_t k = n - 1; k >= 0; --k) out[k] = rank_norm[h[(keys[k] >> lo) & mask]++];
     return;
   }
-  uint64_t* __restrict src = sc.items.data();
-  uint64_t* __restrict dst = sc.tmp.data();
+  uint64_t* src = sc.items.data();  // not __restrict: the passes swap them
+  uint64_t* dst = sc.tmp.data();
   for (int64_t k = n - 1; k >= 0; --k) {  // pass 0: from the keys, descending index
     const uint32_t v = keys[k] >> lo;
     src[h[v & mask]++] = (static_cast<uint64_t>(v) << 32) | static_cast<uint64_t>(k);
