@@ -140,10 +140,10 @@ def main(argv=None) -> int:
             # The bandwidth targets are judged like for like with the copy reference,
             # which writes a preallocated buffer: merge_tensors(..., out=buffer).
             into_buffer = goal is not None and goal.kind == "pct_of_copy"
-            notes = "allocates its output; bytes: one pass over the inputs + output"
-            if method == "della":
-                notes += " (della sorts each row per model twice: l1 norms, then the merge)"
             for name in backends if do else []:
+                notes = "allocates its output; bytes: one pass over the inputs + output"
+                if method == "della" and name == "cpu":
+                    notes += " (the kernel sorts each row per model twice: l1 norms, then the merge)"
                 row = bench.case(method, case, name, ours(name, method, opts),
                                  bytes=bytes_, tensor=base,
                                  peer=peer if goal is None or goal.kind == "speedup" else None,
