@@ -143,7 +143,7 @@ def main(argv=None) -> int:
             for name in backends if do else []:
                 notes = "allocates its output; bytes: one pass over the inputs + output"
                 if method == "della" and name == "cpu":
-                    notes += " (the kernel sorts each row per model twice: l1 norms, then the merge)"
+                    notes += " (sorts each row per model twice: l1 norms, then the merge)"
                 row = bench.case(method, case, name, ours(name, method, opts),
                                  bytes=bytes_, tensor=base,
                                  peer=peer if goal is None or goal.kind == "speedup" else None,
