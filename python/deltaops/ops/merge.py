@@ -10,8 +10,8 @@ norms of a rescale), with no per-model temporaries of the tensor's size; the
 ``triton`` backend (``deltaops.triton_kernels.merge``, CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``) and the ``cuda`` backend
 (``deltaops._C_cuda.merge_sign_elect``) run the same plan on the GPU.
-``linear`` goes through ``torch.ops.deltaops.merge_linear`` (one fused pass;
-CPU kernel only so far: the triton and cuda backends run its reference). The
+``linear`` goes through ``torch.ops.deltaops.merge_linear`` (one fused pass
+on every backend: ``fma`` accumulation in model order). The
 other methods (della*, slerp, model_stock, sce) and the ``reference`` backend
 run the reference. With ``out=``, the same kernels write into the caller's
 tensor through the mutating ops ``merge_sign_elect_out_`` and
@@ -167,8 +167,7 @@ def _use_fused(op: str) -> bool:
     ``cuda``, then ``triton``, then the reference on CUDA tensors; an explicit
     backend that cannot run here raises ``BackendUnavailableError`` (triton on
     CPU tensors needs ``TRITON_INTERPRET=1``). An explicit, usable backend
-    without a kernel for ``op`` (merge_linear on triton or cuda) runs the
-    reference, as before that kernel existed.
+    without a kernel for ``op`` runs the reference.
     """
     choice = backends.selected()
     if choice == "reference":
