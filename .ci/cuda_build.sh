@@ -128,7 +128,8 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 expected = ["radix_histogram", "threshold_mask", "topk_mask", "philox_uniform_like", "dare", "dare_out_",
             "apply_dense_", "apply_coo_", "apply_bitmask_",
-            "merge_sign_elect", "merge_sign_elect_out_", "merge_delta_histogram", "merge_delta_topk",
+            "merge_sign_elect", "merge_sign_elect_out_", "merge_linear", "merge_linear_out_",
+            "merge_delta_histogram", "merge_delta_topk",
             "lora_merge_", "lora_shrink", "lora_expand",
             "pack_bits", "unpack_bits", "quantize_sign", "quantize_ternary_absmean",
             "quantize_uniform", "apply_quantized_", "delta_bmm"]

@@ -153,6 +153,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("rescale"), py::arg("sign_method"), py::arg("seed"), py::arg("thresholds"),
       py::arg("out"), release());
   m.def(
+      "merge_linear",
+      [merge_errors](const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                     bool normalize, const std::string& out_dtype) {
+        return merge_errors([&] { return dc::merge_linear(models, weights, normalize, out_dtype); });
+      },
+      "merge_tensors' linear method: fma-accumulated weighted sum of the models, "
+      "optionally divided by the fp32 sum of the weights",
+      py::arg("models"), py::arg("weights"), py::arg("normalize"), py::arg("out_dtype"), release());
+  m.def(
+      "merge_linear_out_",
+      [merge_errors](const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                     bool normalize, at::Tensor& out) {
+        merge_errors([&] { dc::merge_linear_out_(models, weights, normalize, out); });
+      },
+      "merge_linear written into out (the models' shape, the output dtype; may be a model)",
+      py::arg("models"), py::arg("weights"), py::arg("normalize"), py::arg("out"), release());
+  m.def(
       "merge_delta_histogram",
       [merge_errors](const at::Tensor& base, const at::Tensor& model, int64_t level,
                      int64_t prefix) {

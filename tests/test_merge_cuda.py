@@ -1,5 +1,5 @@
-"""The fused merge on CUDA tensors: the ``cuda`` backend (deltaops._C_cuda.merge_sign_elect)
-and the ``triton`` backend (compiled, with ``TRITON_INTERPRET=0``) against the CPU kernel.
+"""The fused merge on CUDA tensors: the ``cuda`` backend (deltaops._C_cuda.merge_sign_elect,
+merge_linear and their ``out=`` forms) and the ``triton`` backend (compiled, with ``TRITON_INTERPRET=0``) against the CPU kernel.
 
 Runs only where torch sees a GPU (skipped on the CPU development machines,
 where tests/test_merge_triton.py covers the Triton kernel under the
@@ -82,3 +82,34 @@ def test_thresholds_and_nan(backend):
                density=0.5)
     check_gpu(backend, base, models, "dare_linear", f"{backend} NaN dare", density=0.5,
               rescale="density", seed=SEED)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_linear_matches_cpu(backend, n, dtype):
+    usable(backend)
+    base, models = inputs((97, 1031), n, dtype, seed=n)
+    for weights, normalize, out_dtype in (([0.3 + 0.37 * i for i in range(n)], None, None),
+                                          ([1.0, -0.25] * (n // 2) + [0.5] * (n % 2), False,
+                                           torch.float32),
+                                          (0.7, True, torch.bfloat16)):
+        check_gpu(backend, base, models, "linear", f"{backend} linear n={n} {dtype}",
+                  weights=weights, normalize=normalize, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear"])
+def test_out_and_in_place(backend, method):
+    """out= into a fresh buffer and into the base (or a model, for linear) on the GPU."""
+    usable(backend)
+    base, models = inputs((33, 4099), 3, torch.bfloat16, seed=5)
+    opts = {"density": 0.4} if method == "ties" else {}
+    expected = run_on("cpu", deltaops.merge_tensors, base, models, method, **opts)
+    gpu_base, gpu_models = base.cuda(), [m.cuda() for m in models]
+    out = torch.empty_like(gpu_base)
+    run_on(backend, deltaops.merge_tensors, gpu_base, gpu_models, method, out=out, **opts)
+    assert_bitwise_equal(out.cpu(), expected, f"{backend} {method} out=")
+    target = gpu_models[0] if method == "linear" else gpu_base
+    run_on(backend, deltaops.merge_tensors, gpu_base, gpu_models, method, out=target, **opts)
+    assert_bitwise_equal(target.cpu(), expected, f"{backend} {method} in place")

@@ -253,3 +253,23 @@ def test_delta_histogram_and_topk_match_reference():
             ((key, take),) = C.merge_delta_topk(base, model, [k])
             mask = ref.threshold_mask(delta, key, take if take >= 0 else delta.numel())
             assert torch.equal(mask, ref.topk_mask(delta, k)), (dtype, k)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "linear"])
+def test_fp16_extremes(method, threads):
+    """fp16 blocks go through F16C conversions (csrc/cpu/f16_blocks.h): results that
+    overflow to inf, land on fp16 subnormals, round on ties or hit -0.0 match the
+    reference's software rounding bit for bit (NaN payloads aside)."""
+    g = torch.Generator().manual_seed(21)
+    n = 3 * 1000 + 5  # vector blocks and scalar tails
+    scale = torch.tensor([60000.0, 1e-5, 3e-7, 1.0, -0.0])[torch.randint(0, 5, (n,), generator=g)]
+    base = (scale * (1 + torch.rand(n, generator=g) * 0.05)).to(torch.float16)
+    models = [(base.float() + scale * torch.randn(n, generator=g) * 0.1).to(torch.float16)
+              for _ in range(3)]
+    opts = {"density": 0.5} if method == "ties" else {}
+    if method == "dare_linear":
+        opts = {"density": 0.5, "seed": SEED, "rescale": "density"}
+    weights = [1.0, 0.75, 0.6]
+    actual, expected = both(base, models, method, weights=weights, **opts)
+    assert bool(torch.isinf(expected).any()) or method != "task_arithmetic"
+    assert_bitwise_equal(actual, expected, f"fp16 extremes {method}")

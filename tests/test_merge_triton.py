@@ -118,13 +118,39 @@ def test_triton_backend_runs_the_op():
 
 
 def test_methods_without_a_triton_kernel_run_the_reference():
-    """linear has a CPU kernel only (merge_linear): the triton backend runs its reference."""
+    """della has no Triton kernel: the triton backend runs its reference."""
     base, models = inputs((6, 7), 3, torch.bfloat16)
-    for method, opts in (("linear", {"weights": [1.0, 0.5, 0.25]}),
-                         ("della", {"density": 0.5, "seed": SEED})):
-        expected = ref.merge_tensors(base, models, method, **opts)
-        assert_bitwise_equal(run_on("triton", deltaops.merge_tensors, base, models, method, **opts),
-                             expected, method)
+    opts = {"density": 0.5, "seed": SEED}
+    expected = ref.merge_tensors(base, models, "della", **opts)
+    assert_bitwise_equal(run_on("triton", deltaops.merge_tensors, base, models, "della", **opts),
+                         expected, "della")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("block_size", [None, 64])
+def test_linear_matches_cpu_and_reference(n, dtype, block_size):
+    """linear's kernel (fma accumulation in model order, torch's fp32 weight sum as
+    divisor, one rounding): bit-identical to the reference and the CPU kernel."""
+    merge = _triton_merge()
+    base, models = inputs((13, 37), n, dtype, seed=n)
+    for weights, normalize, out_dtype in (([0.3 + 0.37 * i for i in range(n)], None, None),
+                                          ([1.0, -0.25, 0.6, 0.1, 2.0][:n], False, torch.float32),
+                                          (0.7, True, torch.bfloat16)):
+        opts = {"weights": weights, "normalize": normalize, "out_dtype": out_dtype}
+        expected = ref.merge_tensors(base, models, "linear", **opts)
+        what = f"linear n={n} {dtype} {weights} {normalize}"
+        assert_bitwise_equal(run_on("triton", deltaops.merge_tensors, base, models, "linear",
+                                    **opts), expected, what)
+        assert_bitwise_equal(run_on("cpu", deltaops.merge_tensors, base, models, "linear", **opts),
+                             expected, what + " (cpu)")
+        w, norm = ref.linear_options(n, weights, normalize)
+        name = {None: dtype, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}
+        direct = merge.merge_linear(models, w, norm, str(name[out_dtype]).replace("torch.", ""),
+                                    block_size=block_size)
+        assert_bitwise_equal(direct, expected, what + f" block {block_size}")
+    with deltaops.use_backend("triton"):
+        assert backends.resolve("merge_linear", "cpu") is merge.merge_linear
 
 
 def test_cuda_backend_on_cpu_tensors_raises():
@@ -369,6 +395,12 @@ def test_opcheck_on_triton():
             "sum", 0, [], "float32")
     with deltaops.use_backend("triton"):
         torch.library.opcheck(ops_merge.merge_sign_elect_op, args)
+        torch.library.opcheck(ops_merge.merge_sign_elect_out_op, (*args[:-1], torch.empty(9, 11)))
+        models = [x + 0.01, x - 0.02, x]
+        torch.library.opcheck(ops_merge.merge_linear_op, (models, [1.0, 0.5, 0.25], True,
+                                                          "bfloat16"))
+        torch.library.opcheck(ops_merge.merge_linear_out_op, (models, [1.0, 0.5, 0.25], True,
+                                                              torch.empty_like(x)))
 
 
 # ---- the kernels compile for the GPU -----------------------------------------------------------

@@ -214,6 +214,29 @@ def test_delta_bmm_mixed_indices(backend, kind):
         assert_matmul_close(y[b], expected, x[b], dense, f"{kind} batch {b}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("kind", ["sign", "uniform3"])
+def test_delta_bmm_on_the_gpu_across_tiles(backend, kind):
+    """Shapes that cross the 64 x 64 output tiles and the 16-column k steps of the
+    CUDA kernel (and Triton's blocks), mixed indices, against the dense product."""
+    skip_unless_usable(backend)
+    n, k, m = 70, 37, 67
+    base = torch.randn(n, k).bfloat16()
+    make = {"sign": lambda d: deltaops.quantize_sign(d, granularity="row"),
+            "uniform3": lambda d: deltaops.quantize_uniform(d, 3, group_size=8)}[kind]
+    x = torch.randn(3, m, k).bfloat16()
+    indices = torch.tensor([1, 2, 1])
+    with deltaops.use_backend(backend):
+        deltas = [make(torch.randn(n, k, device="cuda") * 1e-1) for _ in range(3)]
+        y = deltaops.delta_bmm(x.cuda(), base.cuda(), deltas, indices.cuda()).cpu()
+        dq = [d.dequantize(torch.float32).cpu() for d in deltas]
+    for b in range(3):
+        dense = base.float() + dq[int(indices[b])]
+        assert_matmul_close(y[b], (x[b].float() @ dense.t()).bfloat16(), x[b], dense,
+                            f"{backend} {kind} batch {b}")
+
+
 def test_delta_bmm_argument_errors():
     base = torch.randn(8, 16)
     deltas = [deltaops.quantize_ternary(torch.randn(8, 16))]

@@ -50,7 +50,8 @@ from deltaops.selection import has_nan, locate
 from .philox import philox_words_tile, split_seed, uniform_from_word
 from .sparse import _LAUNCH, _bits, _block, _from_f32, _kind, _to_f32
 
-__all__ = ["merge_sign_elect", "merge_sign_elect_out_", "merge_delta_histogram", "merge_delta_topk"]
+__all__ = ["merge_sign_elect", "merge_sign_elect_out_", "merge_linear", "merge_linear_out_",
+           "merge_delta_histogram", "merge_delta_topk"]
 
 DEFAULT_BLOCK = 1024
 KEY_MAX = 0x7FFFFFFF
@@ -285,6 +286,22 @@ def _merge_kernel(b_ptr, model_ptrs, out_ptr, n, nmodels, icfg_ptr, fcfg_ptr, of
     if APPLY_LAMBDA:
         mixed = mixed * tl.cast(lambda_, tl.float32)
     tl.store(out_ptr + offs, _from_f32(bf + mixed, OUT_KIND), mask=valid)
+
+
+@triton.jit
+def _linear_kernel(model_ptrs, out_ptr, n, nmodels, weights_ptr, divisor, KIND: tl.constexpr,
+                   OUT_KIND: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """linear: acc = fma(fp32(m_i), w_i, acc) from +0 in model order (mergekit's
+    addcmul_), divided by the fp32 weight sum when normalizing, rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = offs < n
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(nmodels):
+        m = _to_f32(tl.load(_model_ptr(model_ptrs, i, KIND) + offs, mask=valid, other=0), KIND)
+        acc = tl.fma(m, tl.load(weights_ptr + i), acc)
+    if NORMALIZE:
+        acc = tl.math.div_rn(acc, tl.zeros_like(acc) + tl.cast(divisor, tl.float32))
+    tl.store(out_ptr + offs, _from_f32(acc, OUT_KIND), mask=valid)
 
 
 # ---- host: selection -------------------------------------------------------------------------
@@ -560,11 +577,62 @@ def merge_sign_elect_out_(base: torch.Tensor, models, method: str, weights, dens
     model_ptrs = torch.tensor([t.data_ptr() for t in m_bits], dtype=torch.int64).to(device)
     _merge_kernel[grid](b_bits, model_ptrs, _bits(out), n, nmodels, icfg_t, fcfg_t, offsets,
                         nblocks, seed_lo, seed_hi, divisor, lambda32, KIND=kind,
-                        OUT_KIND=_OUT_KIND[str(out.dtype).replace("torch.", "")],
+                        OUT_KIND=_out_kind(out),
                         CONSENSUS=spec.consensus,
                         SIGN_COUNT=sign_method == "count", NORMALIZE=bool(normalize),
                         APPLY_LAMBDA=float(lambda_) != 1.0, DENSITY_RESCALE=density_rescale,
                         BLOCK=block, **_LAUNCH)
+
+
+# ---- host: linear -------------------------------------------------------------------------------
+
+
+def _out_kind(out: torch.Tensor) -> int:
+    return _OUT_KIND[str(out.dtype).replace("torch.", "")]
+
+
+def merge_linear(models, weights, normalize: bool, out_dtype: str, *,
+                 block_size: int | None = None) -> torch.Tensor:
+    """merge_tensors' linear method (as ``deltaops._C.merge_linear``): a new tensor."""
+    models = list(models)
+    if not models:
+        raise ValueError("models must hold at least one tensor")
+    if out_dtype not in _OUT_KIND:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    out = torch.empty(models[0].shape, dtype=_OUT_DTYPE[out_dtype], device=models[0].device)
+    merge_linear_out_(models, weights, normalize, out, block_size=block_size)
+    return out
+
+
+def merge_linear_out_(models, weights, normalize: bool, out: torch.Tensor, *,
+                      block_size: int | None = None) -> None:
+    """:func:`merge_linear` written into ``out`` (its dtype is the output dtype; it may
+    be one of the models: each program loads every model's block before storing)."""
+    models = list(models)
+    if not models:
+        raise ValueError("models must hold at least one tensor")
+    if len(weights) != len(models):
+        raise ValueError("merge_linear: one weight per model")
+    first = models[0]
+    kind = _kind(first)
+    for m in models:
+        _check_pair(first, m)
+        if m.shape != first.shape:
+            raise ValueError("models must share one shape")
+    _check_out(out, first, models[1:])
+    n = first.numel()
+    if n == 0:
+        return
+    # the divisor as the reference takes it: torch's fp32 sum of the weights
+    divisor = float(torch.tensor([float(w) for w in weights], dtype=torch.float32).sum())
+    device = first.device
+    m_bits = [_bits(m.contiguous()) for m in models]
+    model_ptrs = torch.tensor([t.data_ptr() for t in m_bits], dtype=torch.int64).to(device)
+    weights_t = torch.tensor([float(w) for w in weights], dtype=torch.float32).to(device)
+    block = _block(block_size)
+    _linear_kernel[(triton.cdiv(n, block),)](model_ptrs, _bits(out), n, len(models), weights_t,
+                                             divisor, KIND=kind, OUT_KIND=_out_kind(out),
+                                             NORMALIZE=bool(normalize), BLOCK=block, **_LAUNCH)
 
 
 # ---- ahead-of-time compilation (CI without a GPU) -------------------------------------------------
@@ -613,6 +681,10 @@ def compile_for_gpu(arch: int, block: int = DEFAULT_BLOCK) -> dict:
     jobs["merge_linear_fp32"] = (_merge_kernel,
                                  {**merge_args, "b_ptr": "*i32", "out_ptr": "*i32"},
                                  {"KIND": 0, "OUT_KIND": 0, "CONSENSUS": False, **flags})
+    jobs["linear_bf16_to_fp32"] = (_linear_kernel,
+                                   {"model_ptrs": "*i64", "out_ptr": "*i32", "n": "i32",
+                                    "nmodels": "i32", "weights_ptr": "*fp32", "divisor": "fp32"},
+                                   {"KIND": 1, "OUT_KIND": 0, "NORMALIZE": True})
     compiled = {}
     for name, (fn, signature, constexprs) in jobs.items():
         constexprs = {**constexprs, "BLOCK": block}

@@ -33,6 +33,7 @@
 #include "deltaops/bits.h"
 #include "deltaops/philox.h"
 #include "deltaops/sparse.h"
+#include "f16_blocks.h"
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt,lzcnt"))), apply_to = function)

@@ -25,6 +25,7 @@
 #include "deltaops/bits.h"
 #include "deltaops/philox.h"
 #include "deltaops/sparse.h"
+#include "f16_blocks.h"
 
 #include "kernels.h"
 

@@ -50,6 +50,7 @@
 #include "deltaops/merge.h"  // delta_key, sign_of, agrees, nonzero_or_one, masked_delta, ...
 #include "deltaops/merge_select.h"  // top-k thresholds from the delta-key histograms
 #include "deltaops/philox.h"  // philox_word, uniform_from_word (della on strided rows)
+#include "f16_blocks.h"
 #include "sparse_cpu.h"
 
 namespace deltaops {
@@ -331,7 +332,8 @@ void sparsify_block(const Plan& plan, int i, const T* __restrict m, int64_t j0, 
   const float* __restrict bf = sc.bf.data();
   float* __restrict d = sc.d.data();
   float* __restrict out = sc.masked.data();
-  for (int k = 0; k < len; ++k) d[k] = load_f32(m[j0 + k]) - bf[k];
+  to_f32_block(m + j0, d, len);
+  for (int k = 0; k < len; ++k) d[k] = d[k] - bf[k];
   (void)want_d;
   switch (cfg.mode) {
     case kDense:
@@ -376,7 +378,7 @@ void sparsify_block(const Plan& plan, int i, const T* __restrict m, int64_t j0, 
 
 template <typename T>
 void load_base(const T* __restrict b, int64_t j0, int len, float* __restrict bf) {
-  for (int k = 0; k < len; ++k) bf[k] = load_f32(b[j0 + k]);
+  to_f32_block(b + j0, bf, len);
 }
 
 void init_states(const Plan& plan, int64_t c, Scratch& sc) {
@@ -570,7 +572,7 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
         float* __restrict res = sc.masked.data();
         dense_mix_block(o, weights.data(), ms.data(), N, b, j0, len, res);
         O* __restrict o_ = out + j0;
-        for (int k = 0; k < len; ++k) o_[k] = store_from_f32<O>(res[k]);
+        from_f32_block(res, o_, len);
         continue;
       }
       float* __restrict bf = sc.bf.data();
@@ -581,7 +583,8 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
         const float w = cfg.w;
         if (cfg.mode == kDense) {  // no sparsification: x = (m - b) * w
           const T* __restrict m = ms[i];
-          for (int k = 0; k < len; ++k) x[k] = (load_f32(m[j0 + k]) - bf[k]) * w;
+          to_f32_block(m + j0, x, len);
+          for (int k = 0; k < len; ++k) x[k] = (x[k] - bf[k]) * w;
           continue;
         }
         sparsify_block(plan, i, ms[i], j0, len, sc, false);
@@ -644,7 +647,8 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
         }
         if (o.apply_lambda)
           for (int k = 0; k < len; ++k) mixed[k] = mixed[k] * o.lambda;
-        for (int k = 0; k < len; ++k) o_[k] = store_from_f32<O>(bf[k] + mixed[k]);
+        for (int k = 0; k < len; ++k) mixed[k] = bf[k] + mixed[k];
+        from_f32_block(mixed, o_, len);
       } else {
         float* __restrict mixed = sc.masked.data();
         for (int k = 0; k < len; ++k) mixed[k] = xs[k];
@@ -654,7 +658,8 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
           for (int k = 0; k < len; ++k) mixed[k] = mixed[k] / o.divisor;
         if (o.apply_lambda)
           for (int k = 0; k < len; ++k) mixed[k] = mixed[k] * o.lambda;
-        for (int k = 0; k < len; ++k) o_[k] = store_from_f32<O>(bf[k] + mixed[k]);
+        for (int k = 0; k < len; ++k) mixed[k] = bf[k] + mixed[k];
+        from_f32_block(mixed, o_, len);
       }
     }
   });
@@ -1058,7 +1063,7 @@ void linear_pass(const std::vector<const T*>& ms, const std::vector<float>& w, b
         r[k] = normalize ? acc / divisor : acc;
       }
       O* __restrict o_ = out + j0;
-      for (int q = 0; q < len; ++q) o_[q] = store_from_f32<O>(r[q]);
+      from_f32_block(r, o_, len);
     }
   });
 }

@@ -394,6 +394,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// linear: acc = fma(fp32(m_i), w_i, acc) from +0 in model order (mergekit's
+// addcmul_), divided by the fp32 weight sum when normalizing, rounded once.
+// Each thread loads its items of every model before storing them: out may be a model.
+template <typename T, typename O>
+__global__ void __launch_bounds__(kThreads)
+    linear_kernel(const ModelArgs* __restrict__ models, int nmodels, O* out, int64_t n,
+                  int64_t ntiles, bool vec_ok, bool out_vec_ok, bool normalize, float divisor) {
+  for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
+    const int64_t i0 = t * kTile + int64_t{threadIdx.x} * kItems;
+    const int valid = valid_items(i0, n);
+    float acc[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) acc[j] = 0.0f;
+    for (int i = 0; i < nmodels; ++i) {
+      const Pack<T, kItems> m = load_items(static_cast<const T*>(models[i].data), i0, valid, vec_ok);
+      const float w = models[i].w;
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) acc[j] = __fmaf_rn(load_f32(m.v[j]), w, acc[j]);
+    }
+    Pack<O, kItems> o;
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) o.v[j] = store_from_f32<O>(normalize ? __fdiv_rn(acc[j], divisor) : acc[j]);
+    if (out_vec_ok && valid == kItems) {
+      store_pack(out + i0, o);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kItems; ++j)
+        if (j < valid) out[i0 + j] = o.v[j];
+    }
+  }
+}
+
 // ---- host ------------------------------------------------------------------------------
 
 std::vector<int64_t> to_host(const at::Tensor& t) {
@@ -501,7 +533,7 @@ void check_out(const at::Tensor& out, const at::Tensor& base, const std::vector<
   check_input(out, op, "out");
   check_same_device(base, out, op);
   if (!supported(out.scalar_type())) throw TypeError("out must be float32, bfloat16 or float16");
-  if (!out.sizes().equals(base.sizes())) throw ValueError("out must have base's shape");
+  if (!out.sizes().equals(base.sizes())) throw ValueError("out must have the inputs' shape");
   const auto* o = static_cast<const char*>(out.const_data_ptr());
   const auto o_bytes = static_cast<int64_t>(out.nbytes());
   std::vector<at::Tensor> inputs(models);
@@ -717,6 +749,62 @@ at::Tensor merge_sign_elect(const at::Tensor& base, const std::vector<at::Tensor
   at::Tensor out = at::empty(base.sizes(), base.options().dtype(out_type(out_dtype)));
   merge_sign_elect_out_(base, models, method, weights, densities, gammas, lambda, normalize, rescale,
                         sign_method, seed, thresholds, out);
+  return out;
+}
+
+void merge_linear_out_(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                       bool normalize, at::Tensor& out) {
+  const char* op = "merge_linear";
+  const size_t count = models.size();
+  if (count == 0) throw ValueError("models must hold at least one tensor");
+  if (weights.size() != count) throw ValueError("merge_linear: one weight per model");
+  const at::Tensor& first = models[0];
+  check_input(first, op, "models[0]");
+  if (!supported(first.scalar_type())) throw TypeError("models must be float32, bfloat16 or float16");
+  for (const at::Tensor& m : models) {
+    check_pair(first, m, op);
+    if (!m.sizes().equals(first.sizes())) throw ValueError("models must share one shape");
+  }
+  check_out(out, first, std::vector<at::Tensor>(models.begin() + 1, models.end()), op);
+  c10::cuda::CUDAGuard guard(first.device());
+  const int64_t n = first.numel();
+  if (n == 0) return;
+  std::vector<float> w(weights.begin(), weights.end());
+  // The divisor exactly as the reference takes it: torch's fp32 sum of the weights.
+  const float divisor = at::tensor(w).sum().item<float>();
+  std::vector<ModelArgs> args(count);
+  for (size_t i = 0; i < count; ++i) {
+    args[i].data = models[i].const_data_ptr();
+    args[i].w = w[i];
+  }
+  const at::Tensor args_dev = to_device(args, first);
+  const ModelArgs* args_ptr = reinterpret_cast<const ModelArgs*>(args_dev.const_data_ptr());
+  const int64_t ntiles = (n + kTile - 1) / kTile;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(first.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    bool vec_ok = true;
+    for (const at::Tensor& m : models) vec_ok = vec_ok && pack_aligned<T, kItems>(m.const_data_ptr());
+    dispatch_float(out.scalar_type(), op, [&](auto out_tag) {
+      using O = typename decltype(out_tag)::type;
+      O* o = static_cast<O*>(out.data_ptr());
+      auto kernel = linear_kernel<T, O>;
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+      kernel<<<tiles_grid(ntiles, std::max(per_sm, 1)), kThreads, 0, stream>>>(
+          args_ptr, static_cast<int>(count), o, n, ntiles, vec_ok, pack_aligned<O, kItems>(o),
+          normalize, divisor);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                        bool normalize, const std::string& out_dtype) {
+  if (models.empty()) throw ValueError("models must hold at least one tensor");
+  check_input(models[0], "merge_linear", "models[0]");
+  at::Tensor out = at::empty(models[0].sizes(), models[0].options().dtype(out_type(out_dtype)));
+  merge_linear_out_(models, weights, normalize, out);
   return out;
 }
 

@@ -43,6 +43,14 @@ void merge_sign_elect_out_(const at::Tensor& base, const std::vector<at::Tensor>
                            const std::string& sign_method, int64_t seed,
                            const std::vector<int64_t>& thresholds, at::Tensor& out);
 
+// merge_tensors(models, "linear"): sum_i fma(fp32(m_i), w_i, .) in model order,
+// divided by torch's fp32 sum of the weights when normalize, one rounding
+// (csrc/cpu/merge_cpu.h); the _out_ form writes `out`, which may be a model.
+at::Tensor merge_linear(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                        bool normalize, const std::string& out_dtype);
+void merge_linear_out_(const std::vector<at::Tensor>& models, const std::vector<double>& weights,
+                       bool normalize, at::Tensor& out);
+
 // Radix histogram of the magnitude keys of fp32(model) - fp32(base), formed
 // on the fly (no delta is stored).
 at::Tensor merge_delta_histogram(const at::Tensor& base, const at::Tensor& model, int64_t level,

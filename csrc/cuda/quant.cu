@@ -12,6 +12,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -191,30 +192,80 @@ __global__ void apply_kernel(T* __restrict__ w, const uint8_t* __restrict__ pack
   }
 }
 
-// One thread per output y[b, m, n]: fp32 sum over k of x * (w + dq), the
-// merged weight decoded on the fly (no dense delta). Simple, not tiled.
+// delta_bmm, tiled: a block computes a kBmmTile x kBmmTile tile of y[b] (rows of
+// x[b] by rows of W), 16 x 16 threads of kBmmSub x kBmmSub outputs each. Per
+// step of kBmmK columns, the block stages x's tile and the merged weight's tile
+// W + dq (decoded once per block, never stored globally) in shared memory.
+// Every output is the fp32 sum over k in increasing order of x * (w + dq), one
+// rounding per multiply and per add, as the one-thread-per-output loop it
+// replaces: the result does not depend on the tiling.
+constexpr int kBmmTile = 64, kBmmK = 16, kBmmSub = 4;
+constexpr int kBmmThreads = (kBmmTile / kBmmSub) * (kBmmTile / kBmmSub);
+
 template <typename TX, typename TW>
-__global__ void delta_bmm_kernel(const TX* __restrict__ x, const TW* __restrict__ w,
-                                 const uint8_t* __restrict__ packed, int64_t nbytes,
-                                 const float* __restrict__ scales, const uint8_t* __restrict__ zeros,
-                                 const int64_t* __restrict__ indices, float* __restrict__ y,
-                                 int64_t batch, int64_t m, int64_t n, int64_t k, int64_t group_size,
-                                 int64_t groups, int64_t r, int bits) {
-  const int64_t total = batch * m * n;
-  for (int64_t o = global_thread(); o < total; o += grid_threads()) {
-    const int64_t b = o / (m * n), row_m = (o / n) % m, col_n = o % n;
-    const int64_t t = indices[b];
-    const uint8_t* stream = packed + t * nbytes;
-    const float* s_t = scales + t * r * groups;
-    const uint8_t* z_t = bits > 1 ? zeros + t * r * groups : zeros;
-    float acc = 0.0f;
-    for (int64_t c = 0; c < k; ++c) {
-      const float dq = dequant_at(stream, nbytes, s_t, z_t, col_n * k + c, k, group_size, groups,
-                                  r > 1, bits);
-      const float merged = __fadd_rn(load_f32(w[col_n * k + c]), dq);
-      acc = __fadd_rn(acc, __fmul_rn(load_f32(x[(b * m + row_m) * k + c]), merged));
+__global__ void __launch_bounds__(kBmmThreads)
+    delta_bmm_kernel(const TX* __restrict__ x, const TW* __restrict__ w,
+                     const uint8_t* __restrict__ packed, int64_t nbytes,
+                     const float* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                     const int64_t* __restrict__ indices, float* __restrict__ y, int64_t m,
+                     int64_t n, int64_t k, int64_t group_size, int64_t groups, int64_t r, int bits) {
+  // k-major tiles; the +1 column spreads a thread's rows over the banks
+  __shared__ float x_tile[kBmmK][kBmmTile + 1];
+  __shared__ float w_tile[kBmmK][kBmmTile + 1];
+  const int64_t b = blockIdx.z;
+  const int64_t row0 = int64_t{blockIdx.y} * kBmmTile, col0 = int64_t{blockIdx.x} * kBmmTile;
+  const int tx = threadIdx.x % (kBmmTile / kBmmSub), ty = threadIdx.x / (kBmmTile / kBmmSub);
+  const int64_t t = indices[b];
+  const uint8_t* stream = packed + t * nbytes;
+  const float* s_t = scales + t * r * groups;
+  const uint8_t* z_t = bits > 1 ? zeros + t * r * groups : zeros;
+  float acc[kBmmSub][kBmmSub];
+#pragma unroll
+  for (int i = 0; i < kBmmSub; ++i)
+#pragma unroll
+    for (int j = 0; j < kBmmSub; ++j) acc[i][j] = 0.0f;
+  for (int64_t k0 = 0; k0 < k; k0 += kBmmK) {
+    // consecutive threads read consecutive columns of x and W (coalesced)
+    for (int e = threadIdx.x; e < kBmmTile * kBmmK; e += kBmmThreads) {
+      const int rr = e / kBmmK, kk = e % kBmmK;
+      const int64_t c = k0 + kk, xr = row0 + rr, wr = col0 + rr;
+      x_tile[kk][rr] = xr < m && c < k ? load_f32(x[(b * m + xr) * k + c]) : 0.0f;
+      float merged = 0.0f;
+      if (wr < n && c < k) {
+        // dequant_at with the row and column known: no 64-bit division (k < 2^31)
+        const int64_t i = wr * k + c;
+        const uint32_t code = read_code(stream, nbytes, i, bits);
+        const int64_t g = (r > 1 ? wr * groups : 0) +
+                          static_cast<int32_t>(c) / static_cast<int32_t>(group_size);
+        const float dq = bits == 1 ? dequant_sign(code, s_t[g])
+                                   : dequant_uniform(code, static_cast<int32_t>(z_t[g]), s_t[g]);
+        merged = __fadd_rn(load_f32(w[i]), dq);
+      }
+      w_tile[kk][rr] = merged;
     }
-    y[o] = acc;
+    __syncthreads();
+    const int steps = static_cast<int>(k - k0 < kBmmK ? k - k0 : kBmmK);  // no padded terms
+    for (int kk = 0; kk < steps; ++kk) {
+      float xv[kBmmSub], wv[kBmmSub];
+#pragma unroll
+      for (int i = 0; i < kBmmSub; ++i) xv[i] = x_tile[kk][ty * kBmmSub + i];
+#pragma unroll
+      for (int j = 0; j < kBmmSub; ++j) wv[j] = w_tile[kk][tx * kBmmSub + j];
+#pragma unroll
+      for (int i = 0; i < kBmmSub; ++i)
+#pragma unroll
+        for (int j = 0; j < kBmmSub; ++j) acc[i][j] = __fadd_rn(acc[i][j], __fmul_rn(xv[i], wv[j]));
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < kBmmSub; ++i) {
+    const int64_t row = row0 + ty * kBmmSub + i;
+#pragma unroll
+    for (int j = 0; j < kBmmSub; ++j) {
+      const int64_t col = col0 + tx * kBmmSub + j;
+      if (row < m && col < n) y[(b * m + row) * n + col] = acc[i][j];
+    }
   }
 }
 
@@ -428,6 +479,9 @@ at::Tensor delta_bmm(const at::Tensor& x, const at::Tensor& base_weight, const a
     throw ValueError("indices must be in [0, " + std::to_string(t_count) + ")");
   at::Tensor y = at::empty({batch, m, n}, x.options().dtype(at::kFloat));
   if (y.numel() == 0) return y.to(x.scalar_type());
+  if (batch > 65535 || (m + kBmmTile - 1) / kBmmTile > 65535 || k >= (int64_t(1) << 31))
+    throw ValueError("delta_bmm: at most 65535 batches, 65535 * 64 rows per batch and 2^31 - 1 "
+                     "input features on CUDA");
   const int64_t groups = (k + group_size - 1) / group_size;
   const at::Tensor pc = packed.contiguous(), sc = scales.contiguous();
   const at::Tensor zc = bits > 1 ? zeros.contiguous() : sc;
@@ -435,11 +489,14 @@ at::Tensor delta_bmm(const at::Tensor& x, const at::Tensor& base_weight, const a
     using TX = decltype(xtag);
     dispatch(base_weight, "delta_bmm", [&](auto wtag) {
       using TW = decltype(wtag);
-      delta_bmm_kernel<TX, TW><<<grid_for(y.numel(), kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      const dim3 grid(static_cast<unsigned>((n + kBmmTile - 1) / kBmmTile),
+                      static_cast<unsigned>((m + kBmmTile - 1) / kBmmTile),
+                      static_cast<unsigned>(batch));
+      delta_bmm_kernel<TX, TW><<<grid, kBmmThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           static_cast<const TX*>(x.data_ptr()), static_cast<const TW*>(base_weight.data_ptr()),
           pc.data_ptr<uint8_t>(), pc.size(1), sc.data_ptr<float>(),
           bits > 1 ? zc.data_ptr<uint8_t>() : nullptr, idx.data_ptr<int64_t>(), y.data_ptr<float>(),
-          batch, m, n, k, group_size, groups, sc.size(1), static_cast<int>(bits));
+          m, n, k, std::min(group_size, k), groups, sc.size(1), static_cast<int>(bits));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

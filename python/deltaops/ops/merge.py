@@ -10,16 +10,15 @@ norms of a rescale), with no per-model temporaries of the tensor's size; the
 ``triton`` backend (``deltaops.triton_kernels.merge``, CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``) and the ``cuda`` backend
 (``deltaops._C_cuda.merge_sign_elect``) run the same plan on the GPU.
-``linear`` goes through ``torch.ops.deltaops.merge_linear`` (one fused pass;
-CPU kernel only so far: the triton and cuda backends run its reference).
-``della`` and ``della_linear`` run fused on the ``cpu`` backend only (each
-row's rank probabilities come from a radix sort of that row, per model, when
-the CPU kernel's della passes reach it); the triton and cuda backends run
-their reference. The other methods (slerp, model_stock, sce) and the
-``reference`` backend run the reference. With ``out=``, the same kernels
-write into the caller's tensor through the mutating ops
-``merge_sign_elect_out_`` and ``merge_linear_out_`` (the allocating ops are
-those plus an allocation).
+``linear`` goes through ``torch.ops.deltaops.merge_linear`` (one fused pass
+on every backend: ``fma`` accumulation in model order). ``della`` and
+``della_linear`` run fused on the ``cpu`` backend only (each row's rank
+probabilities come from a radix sort of that row, per model, when the CPU
+kernel's della passes reach it); the triton and cuda backends run their
+reference. The other methods (slerp, model_stock, sce) and the ``reference``
+backend run the reference. With ``out=``, the same kernels write into the
+caller's tensor through the mutating ops ``merge_sign_elect_out_`` and
+``merge_linear_out_`` (the allocating ops are those plus an allocation).
 
 Exactness: the kernels are bit-exact against the reference (and each other)
 except for ``rescale`` ``"l1"``/``"l2"`` (the default of dare_* and della*):
@@ -178,8 +177,7 @@ def _use_fused(op: str, method: str = "", base: Optional[Tensor] = None) -> bool
     ``cuda``, then ``triton``, then the reference on CUDA tensors; an explicit
     backend that cannot run here raises ``BackendUnavailableError`` (triton on
     CPU tensors needs ``TRITON_INTERPRET=1``). An explicit, usable backend
-    without a kernel for ``op`` (merge_linear on triton or cuda) runs the
-    reference, as before that kernel existed.
+    without a kernel for ``op`` runs the reference.
 
     della and della_linear have a kernel in the CPU backend only: they call the
     op where it resolves to ``cpu`` (``auto`` on CPU tensors, or ``cpu``
