@@ -272,3 +272,23 @@ def test_fast_paths_do_not_depend_on_the_thread_count():
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compeft_codes_match_the_reference(dtype):
+    # ops/quant.py composes ComPEFT's codes from torch ops (sign in int8, in place) and checks
+    # finiteness with one min/max reduction: same codes, scale and errors as the reference.
+    x = sample((33, 129), dtype, seed=4)
+    x.view(-1)[10:20] = 0.0
+    x.view(-1)[20:25] = -0.0
+    for density in (0.0, 0.1, 0.3, 1.0):
+        delta = deltaops.quantize_ternary(x, method="compeft", density=density, alpha=0.5)
+        assert_bitwise_equal(delta.packed, ref.pack_bits(ref.compeft_codes(x, density), 2))
+        assert_bitwise_equal(delta.scales, ref.compeft_scale(x, 0.5))
+    empty = deltaops.quantize_ternary(torch.zeros(0, 5, dtype=dtype), method="compeft", density=0.5)
+    assert empty.packed.numel() == 0
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[32, 100] = bad
+        with pytest.raises(ValueError, match="NaN or inf .*flat index 4228"):
+            deltaops.quantize_ternary(y, method="compeft", density=0.2)
