@@ -183,44 +183,49 @@ def test_exact_mean_windows(isa):
         same(on_cpu(qops.quantize_ternary_absmean_op, xd[:6144]), ref.quantize_ternary_absmean(xd[:6144]))
 
 
-def _f32(v) -> float:
-    return float(np.float32(v))
+def _toward_zero(v: float, dtype) -> float:
+    """``v`` (positive) rounded toward zero to ``dtype``."""
+    r = torch.tensor(v, dtype=torch.float64).to(dtype)
+    while float(r) > v:
+        r = torch.nextafter(r, torch.zeros((), dtype=dtype))
+    return float(r)
 
 
-def _split_exactly(total: Fraction) -> list[float]:
-    """fp32 values whose exact sum is ``total`` (a few pieces, each exactly representable)."""
+def _split_exactly(total: Fraction, dtype) -> list[float]:
+    """Values of ``dtype`` whose exact sum is ``total`` > 0 (a few pieces, each exact)."""
     pieces = []
     rest = total
     while rest != 0:
-        piece = _f32(float(rest))
-        if Fraction(piece) > rest:  # round toward zero so the rest keeps its sign
-            piece = float(np.nextafter(np.float32(piece), np.float32(0)))
+        piece = _toward_zero(float(rest), dtype)
         pieces.append(piece)
         rest -= Fraction(piece)
     return pieces
 
 
-def test_ternary_threshold_next_to_half_the_scale(isa):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ternary_threshold_next_to_half_the_scale(isa, dtype):
     # The absmean scale s is made exact by construction (64 elements whose
     # magnitudes sum to exactly 64 * s); the elements under test sit at
-    # s / 2 and a few ulps either side, where q = rne(fl(x / s)) flips.
+    # s / 2 and a few ulps of the dtype either side, where q = rne(fl(x / s))
+    # flips (the bf16 kernel compares 16-bit patterns against the fp32 threshold).
     g = np.random.default_rng(7)
+    low, high = (-15, 20) if dtype == torch.float32 else (-8, 8)
     for trial in range(12):
-        s = _f32(np.float32(g.uniform(1.0, 2.0)) * np.float32(2.0 ** int(g.integers(-15, 20))))
-        half = np.float32(s) * np.float32(0.5)
+        s = float(torch.tensor(g.uniform(1.0, 2.0) * 2.0 ** int(g.integers(low, high))).to(dtype))
+        half = torch.tensor(s / 2, dtype=dtype)
         candidates = [half]
         up = down = half
         for _ in range(4):
-            up = np.nextafter(up, np.float32(np.inf))
-            down = np.nextafter(down, np.float32(0))
+            up = torch.nextafter(up, torch.tensor(float("inf"), dtype=dtype))
+            down = torch.nextafter(down, torch.zeros((), dtype=dtype))
             candidates += [up, down]
         for c in candidates:
             c = float(c)
-            pieces = _split_exactly(Fraction(s) * 8 - 2 * Fraction(c))
+            pieces = _split_exactly(Fraction(s) * 8 - 2 * Fraction(c), dtype)
             assert len(pieces) <= 6
             values = [c, -c] + pieces
             values += [0.0] * (8 - len(values)) + [s] * 56
-            x = torch.tensor(values, dtype=torch.float32)
+            x = torch.tensor(values, dtype=dtype)
             assert sum(Fraction(abs(v)) for v in x.tolist()) == Fraction(s) * 64
             expected = ref.quantize_ternary_absmean(x)
             assert float(expected[1]) == s

@@ -767,8 +767,26 @@ inline float ternary_threshold(float s) {
 // Codes of x[b, e) (b a multiple of 16): 2-bit code 2 (|x| >= t, x > 0),
 // 0 (|x| >= t, x < 0) or 1, i.e. per element a low bit "not kept" and a high
 // bit "kept and positive", interleaved into the stream with pdep.
+// bf16: 32 elements per vector on the 16-bit patterns; |x| >= t iff the
+// pattern of |x| is at least t's pattern rounded up to 16 bits.
+DQ_AVX512 void ternary_chunk_bf16(const bf16_t* x, int64_t b, int64_t e, uint32_t t_bits, uint8_t* packed) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(x);
+  const __m512i abs16 = _mm512_set1_epi16(0x7FFF);
+  const __m512i tv = _mm512_set1_epi16(static_cast<int16_t>((t_bits + 0xFFFFu) >> 16));
+  for (int64_t i = b; i < e; i += 32) {
+    const int64_t len = std::min<int64_t>(32, e - i);
+    const __mmask32 m = len == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << len) - 1u);
+    const __m512i v = len == 32 ? _mm512_loadu_si512(h + i) : _mm512_maskz_loadu_epi16(m, h + i);
+    const __mmask32 kept = _mm512_cmpge_epu16_mask(_mm512_and_si512(v, abs16), tv);
+    const uint64_t low = static_cast<uint32_t>(~kept & m), high = static_cast<uint32_t>(kept & ~_mm512_movepi16_mask(v));
+    const uint64_t word = _pdep_u64(low, 0x5555555555555555ull) | _pdep_u64(high, 0xAAAAAAAAAAAAAAAAull);
+    std::memcpy(packed + i / 4, &word, static_cast<size_t>((len + 3) / 4));
+  }
+}
+
 template <typename T>
 DQ_AVX512 void ternary_chunk(const T* x, int64_t b, int64_t e, uint32_t t_bits, uint8_t* packed) {
+  if constexpr (std::is_same_v<T, bf16_t>) return ternary_chunk_bf16(x, b, e, t_bits, packed);
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), tv = _mm512_set1_epi32(static_cast<int32_t>(t_bits));
   auto word16 = [&](__m512i u, __mmask16 m) DQ_AVX512 -> uint32_t {
     const __mmask16 kept = _mm512_cmpge_epu32_mask(_mm512_and_si512(u, absmask), tv);
