@@ -2,13 +2,18 @@
 // threading, loops). Per-element math: csrc/include/deltaops/quant.h, shared
 // with the CUDA kernels; python/deltaops/reference/quant.py is the spec.
 //
-// Threading: at::parallel_for over fixed-size chunks of elements (a multiple
+// Threading: fixed-size chunks of elements, handed out to at::parallel_for
+// threads one at a time (parallel_chunks; chunk sizes are a multiple
 // of 8, so every chunk starts on a byte boundary of any packed stream: eight
 // codes fill `bits` whole bytes). Results never depend on the thread count:
 // codes and applies are element-wise, and the exact-mean bins are integer
-// sums. Each chunk decodes (or encodes) its codes through a small uint8
-// buffer and runs a plain loop per (row, group) segment, which the compiler
-// vectorizes (the build baseline is x86-64-v3; contraction is off).
+// sums. Two implementations: where the kernel table in use is "avx512"
+// (sparse_cpu.cpp's run-time choice), the AVX-512 kernels of the section
+// below (codes made and packed in registers, one read of the input per
+// chunk); elsewhere the portable loops, where each chunk decodes (or
+// encodes) its codes through a small uint8 buffer and runs a plain loop per
+// (row, group) segment, which the compiler vectorizes (the build baseline is
+// x86-64-v3; contraction is off). tests/test_quant_cpu_fast.py runs both.
 // Floating-point operations never trap in deltaops (torch runs with exceptions
 // masked): let GCC inline rintf as a vector round and vectorize the code
 // loops. This allows no reassociation, contraction or change of rounding.
@@ -734,19 +739,6 @@ DQ_AVX512 bool abs_range(const T* x, int64_t n, AbsBins* bins, uint8_t* codes) {
   return finite;
 }
 
-// ---- uniform codes of a chunk with one scale ----
-
-// Codes of x[b, e) (b a multiple of 16; e a multiple of 16 unless it ends the
-// stream) with one scale s > 0 and zero point z.
-template <typename T, int BITS>
-DQ_AVX512 void scaled_chunk(const T* x, int64_t b, int64_t e, float s, float z, float maxq,
-                            uint8_t* packed, int64_t nbytes) {
-  const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z), mv = _mm512_set1_ps(maxq);
-  int64_t i = b;
-  for (; i + 16 <= e; i += 16) pack16<BITS>(code16(load16(x + i), sv, zv, mv), packed + (i / 8) * BITS);
-  if (i < e) pack_partial<BITS>(code16(load16(x + i, first_lanes(e - i)), sv, zv, mv), i, e - i, packed, nbytes);
-}
-
 // ---- ternary absmean codes by a threshold ----
 // With s > 0 fixed, fl(|x| / s) is non-decreasing in |x|, and the absmean code
 // of x is 1 (q = 0) unless rne(fl(|x| / s)) >= 1, i.e. fl(|x| / s) > 0.5
@@ -1071,6 +1063,39 @@ DQ_AVX512 void apply_chunk(T* w, const uint8_t* packed, int64_t nbytes, const fl
 
 // ---- drivers (threading; no AVX-512 code of their own) ----
 
+// abs_mean_from_bins for bins whose non-zero entries span few exponents (a
+// row's usually span a handful): the total as one 128-bit integer at the
+// lowest of them, converted to double by the compiler's correctly rounded
+// (nearest even) integer conversion, then scaled by a power of two (exact:
+// the result is at least 2^-149). That is the double abs_sum_to_double
+// computes; other bins go through it. Clears the bins it read.
+float row_abs_mean(AbsBins& bins, int64_t count) {
+  int emin = kExponentBins, emax = -1;
+  bool wide = false;
+  for (int e = 0; e < kExponentBins; ++e) {
+    if (bins.lo[e] | bins.hi[e]) {
+      emin = std::min(emin, e);
+      emax = e;
+      wide |= bins.hi[e] != 0;
+    }
+  }
+  if (emax < 0) return 0.0f;
+  const int base = std::max(emin, 1);
+  float mean;
+  if (!wide && emax - base <= 56) {  // each term < 2^120, at most 57 of them: < 2^126
+    unsigned __int128 total = 0;
+    for (int e = emin; e <= emax; ++e)
+      total += static_cast<unsigned __int128>(bins.lo[e]) << (std::max(e, 1) - base);
+    const double sum = std::ldexp(static_cast<double>(total), base - 150);
+    mean = static_cast<float>(sum / static_cast<double>(count));
+  } else {
+    mean = abs_mean_from_bins(bins.lo, count, bins.hi);
+  }
+  std::memset(bins.lo + emin, 0, sizeof(uint64_t) * static_cast<size_t>(emax - emin + 1));
+  std::memset(bins.hi + emin, 0, sizeof(uint64_t) * static_cast<size_t>(emax - emin + 1));
+  return mean;
+}
+
 // Sign codes into out and the exact mean |x| (per row or of the tensor): one
 // read of x where rows start on byte boundaries (always for the tensor).
 template <typename T>
@@ -1083,10 +1108,10 @@ std::vector<float> sign_avx512(const T* x, int64_t rows, int64_t cols, bool per_
     const bool fused = cols % 8 == 0;
     parallel_chunks(rows, std::max<int64_t>(1, kChunk / std::max<int64_t>(cols, 1)), [&](int64_t rb, int64_t re) {
       AbsBins bins;
-      for (int64_t r = rb; r < re; ++r) {
-        bins.clear();
+      bins.clear();
+      for (int64_t r = rb; r < re; ++r) {  // row_abs_mean leaves the bins cleared
         if (!abs_range(x + r * cols, cols, &bins, fused ? out + r * cols / 8 : nullptr)) finite = false;
-        means[r] = abs_mean_from_bins(bins.lo, cols, bins.hi);
+        means[r] = cols ? row_abs_mean(bins, cols) : 0.0f;
       }
     });
     if (!fused)
