@@ -1063,6 +1063,14 @@ DQ_AVX512 void apply_chunk(T* w, const uint8_t* packed, int64_t nbytes, const fl
 
 // ---- drivers (threading; no AVX-512 code of their own) ----
 
+// Per-thread scratch of at least n floats, kept between calls (one buffer per
+// thread for every dtype and bit width).
+float* thread_scratch(int64_t n) {
+  static thread_local std::vector<float> scratch;
+  if (scratch.size() < static_cast<size_t>(n)) scratch.resize(static_cast<size_t>(n));
+  return scratch.data();
+}
+
 // abs_mean_from_bins for bins whose non-zero entries span few exponents (a
 // row's usually span a handful): the total as one 128-bit integer at the
 // lowest of them, converted to double by the compiler's correctly rounded
@@ -1291,11 +1299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor
           constexpr int64_t kChunk = 1 << 13;
           constexpr int64_t stride = kChunk + 16;
           parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) {
-            // per-thread scratch, kept between calls
-            static thread_local std::vector<float> scratch;
-            if (scratch.size() < static_cast<size_t>(5 * stride)) scratch.resize(static_cast<size_t>(5 * stride));
             uniform_chunk<T, B>(data, b, e, cols, group_size, groups, symmetric, s_out, z_out, out, nbytes,
-                                scratch.data(), stride, finite, overflow);
+                                thread_scratch(5 * stride), stride, finite, overflow);
           });
         }
       });
