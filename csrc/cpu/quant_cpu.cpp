@@ -468,6 +468,11 @@ DQ_AVX512 inline __mmask16 first_lanes(int64_t len) {
 // 16 codes (int32 lanes, each < 2^BITS) -> the 2 * BITS bytes of their unit.
 template <int BITS>
 DQ_AVX512 inline void pack16(__m512i q, uint8_t* out) {
+  if constexpr (BITS == 4) {  // code pairs in each 64-bit lane: c0 | c1 << 4 in its low byte
+    const __m512i pairs = _mm512_or_si512(q, _mm512_srli_epi64(q, 28));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm512_cvtepi64_epi8(pairs));
+    return;
+  }
   const __m128i b = _mm512_cvtepi32_epi8(q);
   if constexpr (BITS == 8) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out), b);
