@@ -1272,6 +1272,32 @@ std::tuple<at::Tensor, at::Tensor> quantize_ternary_absmean(const at::Tensor& x)
   return {packed, scale};
 }
 
+at::Tensor compeft_pack(const at::Tensor& x, const at::Tensor& keep) {
+  check_cpu(x, "x");
+  check_cpu(keep, "keep");
+  check_dtype(keep, at::kBool, "keep", "bool");
+  if (keep.numel() != x.numel())
+    throw ValueError("keep must have x's " + std::to_string(x.numel()) + " elements, got " +
+                     std::to_string(keep.numel()));
+  at::Tensor packed;
+  with_dtype(x, "x", [&](auto tag) {
+    using T = decltype(tag);
+    const T* data = static_cast<const T*>(x.data_ptr());
+    const uint8_t* kept = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
+    // one pass: sign(x) + 1 (2, 1 or 0) where kept, 1 elsewhere; branch-free so it vectorizes
+    packed = encode_all<2>(x.numel(), x.options(), [&](int64_t b, int64_t e, uint8_t* codes) {
+      const T* __restrict v = data + b;
+      const uint8_t* __restrict k = kept + b;
+      for (int64_t i = 0; i < e - b; ++i) {
+        const float f = load_f32(v[i]);
+        const uint8_t sign_plus_one = static_cast<uint8_t>(1 + (f > 0.0f) - (f < 0.0f));
+        codes[i] = k[i] ? sign_plus_one : static_cast<uint8_t>(kTernaryZero);
+      }
+    });
+  });
+  return packed;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor& x, int64_t bits,
                                                                 int64_t group_size, bool symmetric) {
   check_cpu(x, "x");
