@@ -12,9 +12,11 @@ bandwidth measured in the same run):
 * ``apply_``: the weight read and written (2 x 2 bytes per element) plus the
   stored format read once (``nbytes``: packed codes, scales, zero points).
 * ``quantize``: the delta read once (2 bytes per element) plus the format
-  written once. The exact mean of sign/absmean reads the delta a second
-  time; that pass is not counted (the model counts what an ideal kernel
-  must move).
+  written once. Absmean needs its exact mean before its codes, so it reads
+  the delta a second time; that pass is not counted (the model counts what
+  an ideal kernel must move). The CPU kernels of sign and of the uniform
+  groups read the delta once (mean or group parameters, then codes, per
+  cache-sized chunk).
 
 Besides the timing table, a second table gives each format's size against
 the bf16 delta and its reconstruction error ``||dq - delta||_F / ||delta||_F``

@@ -3,8 +3,8 @@ SparseDelta bitmask, SparseDelta coo) against torch / PEFT / mergekit peers.
 
     python bench/sparse.py [--quick] [--out DIR] [--budget S] [--threads N] [--keep-freed-memory]
 
-Full run: a 4096x11008 bf16 tensor (one MLP projection of a 7B model), about
-2-3 minutes on 2 cores. ``--quick``: 256x1024, a few seconds (CI smoke test),
+Full run: a 4096x11008 bf16 tensor (one MLP projection of a 7B model), plus
+fp16 copies for dare (out=) and the dense apply, about 2-3 minutes on 2 cores. ``--quick``: 256x1024, a few seconds (CI smoke test),
 and the slow ``reference`` backend timed too. Writes <out>/sparse.csv and
 <out>/sparse.png and prints a markdown table; bench/README.md explains the
 bytes models and targets.
@@ -178,6 +178,22 @@ def bench_device(bench: Bench, do, device: str, shape, quick: bool) -> None:
         if row.median_ms is not None and not torch.equal(weight, expected):
             row.notes = "differs from torch add_ (bitwise)"
     del expected
+
+    # ---- fp16: dare into a buffer and the dense apply on fp16 copies -------------
+    # No targets: they show that fp16 runs at the share of the copy bandwidth bf16
+    # does (same element size), since its conversions go through F16C blocks.
+    delta16, weight16_0 = delta.half(), weight0.half()
+    weight16, buffer16 = weight16_0.clone(), torch.empty_like(delta16)
+    for name in backends if do else []:
+        bench.case("dare", f"density={SPARSE_DENSITY} fp16 out=", name,
+                   with_backend(name, lambda: do.dare(delta16, SPARSE_DENSITY, seed=0,
+                                                      out=buffer16)),
+                   bytes=dare_bytes, tensor=delta16, **slow(name))
+        bench.case("apply_delta_", "dense alpha=1 fp16", name,
+                   with_backend(name, lambda: do.apply_delta_(weight16, delta16, alpha=1.0)),
+                   setup=lambda: weight16.copy_(weight16_0), bytes=dense_bytes, tensor=weight16,
+                   **slow(name))
+    del delta16, weight16_0, weight16, buffer16
 
     # ---- apply_delta_(weight, SparseDelta) at density 0.1 -----------------------
     # Bytes: the stored format (packed mask or int32 indices, plus values) read

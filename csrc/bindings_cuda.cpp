@@ -227,6 +227,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "inverse of pack_bits", py::arg("packed"), py::arg("bits"), py::arg("numel"), release());
   m.def(
+      "compeft_pack",
+      [](const at::Tensor& x, const at::Tensor& keep) { return value_errors([&] { return dc::compeft_pack(x, keep); }); },
+      "ComPEFT's packed 2-bit codes: sign(x) + 1 where keep, 1 elsewhere", py::arg("x"), py::arg("keep"),
+      release());
+  m.def(
       "quantize_sign",
       [](const at::Tensor& x, bool per_row) { return value_errors([&] { return dc::quantize_sign(x, per_row); }); },
       "BitDelta sign bits and exact-mean scales", py::arg("x"), py::arg("per_row"), release());

@@ -52,6 +52,23 @@ def test_pack_and_unpack_errors(backend):
 @KERNEL_BACKENDS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
+def test_compeft_pack(backend, dtype, shape):
+    """ComPEFT's codes from a kept mask: zeros (both signs) kept and dropped, every
+    length (tails of the 2-bit packing), bit-identical packed bytes."""
+    x = sample(shape, dtype)
+    g = torch.Generator().manual_seed(x.numel())
+    keep = torch.rand(x.shape, generator=g) < 0.4
+    if x.numel() > 4:
+        keep.view(-1)[:2] = True  # the +0.0 and -0.0 of sample() kept: code 1
+    compare_with_reference(backend, qops.compeft_pack_op, x, keep, what="compeft_pack")
+    skip_unless_usable(backend)
+    with deltaops.use_backend(backend), pytest.raises(ValueError, match="keep"):
+        qops.compeft_pack_op(x, keep.reshape(-1)[: max(x.numel() - 1, 0)])
+
+
+@KERNEL_BACKENDS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
 def test_quantize_sign_and_absmean(backend, dtype, shape):
     x = sample(shape, dtype)
     compare_with_reference(backend, qops.quantize_sign_op, x, False, what="sign tensor")

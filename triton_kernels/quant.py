@@ -39,6 +39,7 @@ __all__ = [
     "quantize_sign",
     "quantize_ternary_absmean",
     "quantize_uniform",
+    "compeft_pack",
     "apply_quantized_",
     "delta_bmm",
 ]
@@ -165,6 +166,18 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         bad = int(torch.nonzero(flat >= (1 << bits))[0, 0])
         raise ValueError(f"code {int(flat[bad])} at flat index {bad} does not fit in {bits} bits")
     return _encode(flat, flat.numel(), bits, _FROM_CODES)
+
+
+def compeft_pack(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``ref.compeft_pack``, composed: the int8 codes by torch ops, packed by the
+    encode kernel (no kernel of its own yet)."""
+    if keep.dtype != torch.bool or keep.numel() != x.numel():
+        raise ValueError(f"keep must be a bool tensor of x's {x.numel()} elements, got "
+                         f"{keep.dtype} with {keep.numel()}")
+    codes = torch.sign(x.reshape(-1)).to(torch.int8)
+    codes.mul_(keep.reshape(-1)).add_(ref.TERNARY_ZERO)
+    flat = codes.view(torch.uint8)
+    return _encode(flat, flat.numel(), 2, _FROM_CODES)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

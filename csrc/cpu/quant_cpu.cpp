@@ -2,13 +2,18 @@
 // threading, loops). Per-element math: csrc/include/deltaops/quant.h, shared
 // with the CUDA kernels; python/deltaops/reference/quant.py is the spec.
 //
-// Threading: at::parallel_for over fixed-size chunks of elements (a multiple
+// Threading: fixed-size chunks of elements, handed out to at::parallel_for
+// threads one at a time (parallel_chunks; chunk sizes are a multiple
 // of 8, so every chunk starts on a byte boundary of any packed stream: eight
 // codes fill `bits` whole bytes). Results never depend on the thread count:
 // codes and applies are element-wise, and the exact-mean bins are integer
-// sums. Each chunk decodes (or encodes) its codes through a small uint8
-// buffer and runs a plain loop per (row, group) segment, which the compiler
-// vectorizes (the build baseline is x86-64-v3; contraction is off).
+// sums. Two implementations: where the kernel table in use is "avx512"
+// (sparse_cpu.cpp's run-time choice), the AVX-512 kernels of the section
+// below (codes made and packed in registers, one read of the input per
+// chunk); elsewhere the portable loops, where each chunk decodes (or
+// encodes) its codes through a small uint8 buffer and runs a plain loop per
+// (row, group) segment, which the compiler vectorizes (the build baseline is
+// x86-64-v3; contraction is off). tests/test_quant_cpu_fast.py runs both.
 // Floating-point operations never trap in deltaops (torch runs with exceptions
 // masked): let GCC inline rintf as a vector round and vectorize the code
 // loops. This allows no reassociation, contraction or change of rounding.
@@ -29,8 +34,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#if defined(__BMI2__)
+#if defined(__x86_64__) || defined(_M_X64)
+// GCC 12 reports -Wmaybe-uninitialized inside the intrinsics headers once inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 #include "deltaops/bits.h"
@@ -92,7 +101,11 @@ std::pair<int64_t, int64_t> rows_cols(const at::Tensor& t, const char* name) {
   return {cols ? t.numel() / cols : 0, cols};
 }
 
-// f(begin, end) over chunks of [0, n) of `chunk` items.
+// f(begin, end) over chunks of [0, n) of `chunk` items. The chunks are handed
+// out one at a time from a shared counter: on a busy machine a thread that is
+// descheduled does not hold the others back (a static split made 2-thread
+// runs several times slower than 1-thread ones there). Every chunk's result
+// depends only on the chunk, so which thread runs it never shows.
 template <typename F>
 void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
   const int64_t nchunks = (n + chunk - 1) / chunk;
@@ -101,8 +114,12 @@ void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
     f(int64_t(0), n);
     return;
   }
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) f(c * chunk, std::min(n, (c + 1) * chunk));
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = std::min<int64_t>(nchunks, at::get_num_threads());
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < nchunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      f(c * chunk, std::min(n, (c + 1) * chunk));
   });
 }
 
@@ -337,7 +354,7 @@ std::vector<float> abs_means(const T* x, int64_t rows, int64_t cols, bool per_ro
 template <int BITS, typename CodeFill>
 at::Tensor encode_all(int64_t n, const at::TensorOptions& options, const CodeFill& fill) {
   const int64_t nbytes = packed_nbytes(n, BITS);
-  at::Tensor packed = at::empty({nbytes}, options.dtype(at::kByte));
+  at::Tensor packed = new_output({nbytes}, options.dtype(at::kByte));
   uint8_t* out = packed.data_ptr<uint8_t>();
   parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) {
     uint8_t codes[kChunk];
@@ -360,6 +377,797 @@ void scaled_codes(const T* __restrict x, int64_t n, float s, float z, float maxq
   for (int64_t i = 0; i < n; ++i)
     codes[i] = static_cast<uint8_t>(uniform_code_scaled(load_f32(x[i]), s, z, maxq));
 }
+
+// ---- AVX-512 kernels ------------------------------------------------------------------------
+// Chosen at run time when the kernel table in use is "avx512" (sparse_cpu.cpp:
+// the CPU check, DELTAOPS_CPU_ISA and deltaops._C._set_isa apply here too); the
+// loops above are the portable path. Every function with AVX-512 code carries
+// the target attribute itself (no pragma), lives in this anonymous namespace
+// and is not shared with baseline code. The arithmetic is the per-element math
+// of quant.h written with intrinsics, with the same roundings: vdivps is the
+// correctly rounded fp32 division, vrndscaleps with imm 8 rounds half to even,
+// products and sums are separate instructions (no FMA).
+//
+// Codes are made and consumed in units of 16 elements starting at flat
+// indices that are multiples of 16 (2 * bits whole bytes of the stream).
+// Chunks are multiples of 16 elements, so a unit never spans two chunks; a
+// unit whose elements belong to two (row, group) segments takes per-lane
+// scales and zero points, and the last, partial unit of the stream goes
+// through the byte-buffer encode/decode above.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DELTAOPS_QUANT_AVX512 1
+// GCC 12 reports the _mm*_undefined_* placeholders of the intrinsics as
+// uninitialized where they are inlined into the functions below.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#define DQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi,bmi2")))
+
+bool use_avx512() { return isa() == "avx512"; }
+
+// The low `bits` bits of every byte: eight byte-lane codes <-> `bits` packed bytes.
+constexpr uint64_t byte_lane_mask(int bits) { return 0x0101010101010101ull * ((1ull << bits) - 1ull); }
+
+// ---- loads and stores of 16 elements (fp32 bits / fp32 values) ----
+
+DQ_AVX512 inline __m512i load_bits16(const float* p) { return _mm512_loadu_si512(p); }
+DQ_AVX512 inline __m512i load_bits16(const bf16_t* p) {
+  return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+}
+// vcvtph2ps is exact (fp16 -> fp32 always is); it quiets a signaling NaN,
+// which only ever meets the NaN checks or a NaN result (see store16).
+DQ_AVX512 inline __m512i load_bits16(const fp16_t* p) {
+  return _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+// Masked: lanes outside `m` read as +0.0 (and no memory outside them is touched).
+DQ_AVX512 inline __m512i load_bits16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }
+DQ_AVX512 inline __m512i load_bits16(const bf16_t* p, __mmask16 m) {
+  return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16);
+}
+DQ_AVX512 inline __m512i load_bits16(const fp16_t* p, __mmask16 m) {
+  return _mm512_castps_si512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)));
+}
+template <typename T>
+DQ_AVX512 inline __m512 load16(const T* p) { return _mm512_castsi512_ps(load_bits16(p)); }
+template <typename T>
+DQ_AVX512 inline __m512 load16(const T* p, __mmask16 m) { return _mm512_castsi512_ps(load_bits16(p, m)); }
+
+// fp32 -> storage, rounding to nearest even as store_from_f32 does.
+DQ_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+DQ_AVX512 inline __mmask16 nan_lanes(__m512i u) {
+  return _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                 _mm512_set1_epi32(0x7F800000));
+}
+DQ_AVX512 inline void store16(bf16_t* p, __m512 v, __mmask16 m) {
+  // f32_to_bf16: (u + 0x7FFF + ((u >> 16) & 1)) >> 16; NaN -> sign | 0x7FC0
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i hi = _mm512_srli_epi32(u, 16);
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __m512i qnan = _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7FC0));
+  r = _mm512_mask_blend_epi32(nan_lanes(u), r, qnan);
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+DQ_AVX512 inline void store16(fp16_t* p, __m512 v, __mmask16 m) {
+  // vcvtps2ph with round-to-nearest-even is f32_to_fp16 on every non-NaN value
+  // (subnormal results and overflow to inf included); NaN -> sign | 0x7E00 as there.
+  const __m512i u = _mm512_castps_si512(v);
+  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i qnan = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000)),
+                                       _mm512_set1_epi32(0x7E00));
+  const __m256i r = _mm256_mask_blend_epi16(nan_lanes(u), h, _mm512_cvtepi32_epi16(qnan));
+  _mm256_mask_storeu_epi16(p, m, r);
+}
+
+DQ_AVX512 inline __mmask16 first_lanes(int64_t len) {
+  return len >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1u);
+}
+
+// ---- codes <-> packed units ----
+
+// 16 codes (int32 lanes, each < 2^BITS) -> the 2 * BITS bytes of their unit.
+template <int BITS>
+DQ_AVX512 inline void pack16(__m512i q, uint8_t* out) {
+  if constexpr (BITS == 4) {  // code pairs in each 64-bit lane: c0 | c1 << 4 in its low byte
+    const __m512i pairs = _mm512_or_si512(q, _mm512_srli_epi64(q, 28));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm512_cvtepi64_epi8(pairs));
+    return;
+  }
+  const __m128i b = _mm512_cvtepi32_epi8(q);
+  if constexpr (BITS == 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), b);
+  } else {
+    constexpr uint64_t mask = byte_lane_mask(BITS);
+    const uint64_t lo = _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(b)), mask);
+    const uint64_t hi = _pext_u64(static_cast<uint64_t>(_mm_extract_epi64(b, 1)), mask);
+    const uint64_t word = lo | (hi << (8 * BITS));
+    std::memcpy(out, &word, 2 * BITS);
+  }
+}
+
+// The 16 codes of a unit (2 * BITS bytes) as int32 lanes, without a
+// round trip through memory: the unit's bytes in every 128-bit lane, code j's two bytes
+// (byte (BITS * j) / 8 and the next) shuffled into lane j, shifted right by
+// (BITS * j) % 8 and masked.
+template <int BITS>
+struct Unpacker {
+  __m512i ctrl, shift, mask;
+  DQ_AVX512 Unpacker() {
+    alignas(64) int32_t c[16], sh[16];
+    for (int j = 0; j < 16; ++j) {
+      const int bit = BITS * j, byte = bit / 8;
+      c[j] = byte | ((byte + 1) << 8) | int32_t(0x80800000u);  // 0x80: a zero byte
+      sh[j] = bit % 8;
+    }
+    ctrl = _mm512_load_si512(c);
+    shift = _mm512_load_si512(sh);
+    mask = _mm512_set1_epi32((1 << BITS) - 1);
+  }
+  DQ_AVX512 inline __m512i operator()(const uint8_t* in) const {
+    if constexpr (BITS == 8) {
+      return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
+    } else {
+      __m128i bytes;  // exactly the unit's 2 * BITS bytes
+      if constexpr (BITS == 4) {
+        bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(in));
+      } else if constexpr (BITS == 1) {
+        uint16_t v;
+        std::memcpy(&v, in, 2);
+        bytes = _mm_cvtsi32_si128(v);
+      } else {
+        uint32_t lo;
+        std::memcpy(&lo, in, 4);
+        bytes = _mm_cvtsi32_si128(static_cast<int>(lo));
+        if constexpr (BITS == 3) {
+          uint16_t hi;
+          std::memcpy(&hi, in + 4, 2);
+          bytes = _mm_insert_epi16(bytes, hi, 2);
+        }
+      }
+      const __m512i lanes = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(bytes), ctrl);
+      return _mm512_and_si512(_mm512_srlv_epi32(lanes, shift), mask);
+    }
+  }
+};
+
+// The codes of flat elements [i, i + len) (len <= 16, i a multiple of 8):
+// `codes` int32 lanes, written into the stream with encode (which writes only
+// the bytes of these codes; used for partial units).
+template <int BITS>
+DQ_AVX512 inline void pack_partial(__m512i q, int64_t i, int64_t len, uint8_t* packed, int64_t nbytes) {
+  alignas(16) uint8_t tmp[16];
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(tmp), _mm512_cvtepi32_epi8(q));
+  encode<BITS>(tmp, i, len, packed, nbytes);
+}
+
+template <int BITS>
+DQ_AVX512 inline __m512i unpack_partial(const uint8_t* packed, int64_t nbytes, int64_t i, int64_t len) {
+  alignas(16) uint8_t tmp[16] = {};
+  decode<BITS>(packed, nbytes, i, len, tmp);
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp)));
+}
+
+// uniform_code per lane: q = clamp(rne(x / s) + z, 0, maxq), z where s == 0.
+// (rne_clamped's pre-clamp to [-512, 512] is left out: |z| and maxq are
+// below 512, so clamping after the rounding gives the same code, inf included.)
+DQ_AVX512 inline __m512i code16(__m512 x, __m512 s, __m512 z, __m512 maxq) {
+  const __m512 y = _mm512_div_ps(x, s);
+  const __m512 r = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 q = _mm512_add_ps(r, z);
+  q = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), maxq);
+  q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_GT_OQ), z, q);
+  return _mm512_cvttps_epi32(q);
+}
+
+// ---- exact |x| sums (and sign codes) over one block ----
+
+constexpr int64_t kBlock512 = 2048;  // elements per block: stays in L1 between its two loops
+
+// Prefetch the cache lines of x[i, i + 16) (one line for 16-bit types, which
+// may be the one of the previous call: harmless). Pointers past the end are
+// never dereferenced: prefetches do not fault.
+template <typename T>
+DQ_AVX512 inline void prefetch16(const T* x, int64_t i, int hint_l1) {
+  const char* p = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(x) + uintptr_t(i) * sizeof(T));
+  if (hint_l1) {
+    _mm_prefetch(p, _MM_HINT_T0);
+    if (sizeof(T) == 4) _mm_prefetch(p + 32, _MM_HINT_T0);
+  } else {
+    _mm_prefetch(p, _MM_HINT_T1);
+    if (sizeof(T) == 4) _mm_prefetch(p + 32, _MM_HINT_T1);
+  }
+}
+
+// The sign codes of 16 values (1 where x >= 0; -0.0 included).
+DQ_AVX512 inline uint16_t sign_bits16(__m512i u) {
+  return static_cast<uint16_t>(~_mm512_cmp_ps_mask(_mm512_castsi512_ps(u), _mm512_setzero_ps(), _CMP_LT_OQ));
+}
+
+// Over x[0, n) (n <= kBlock512): when CODES, writes the sign codes
+// (1 where x >= 0) as ceil(n / 8) bytes (x starts on a byte boundary of the
+// stream); when `bins` is set, adds |x| into them exactly (add_abs_bins'
+// window rule: with E the block's largest exponent, m << (e - (E - 24)) into
+// one integer sum, smaller non-zero elements bin by bin). False if a value is
+// NaN or inf (nothing added then). While the second loop runs on the block in
+// L1, the next block (x[n, 2n)) is prefetched, so that memory keeps streaming.
+// abs_block for bf16, on the 16-bit patterns: the scan takes 32 elements per
+// vector, and the window sum uses the 8-bit significand m8 (m = m8 << 16):
+// m8 << (e - base) < 2^32 for e - base <= 24, added in 32-bit lanes with a
+// carry count, and the block's sum S8 credited to bin base + 16
+// (m << (e - base) = (m8 << (e - base)) << 16). Same bins, fewer operations.
+template <bool CODES>
+DQ_AVX512 bool abs_block_bf16(const bf16_t* x, int64_t n, AbsBins* bins, uint8_t* codes) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(x);
+  const __m512i abs16 = _mm512_set1_epi16(0x7FFF);
+  __m512i worst = _mm512_setzero_si512(), least = _mm512_set1_epi16(-1);
+  for (int64_t i = 0; i < n; i += 32) {
+    const __mmask32 m = n - i >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (n - i)) - 1u);
+    const __m512i v = m == 0xFFFFFFFFu ? _mm512_loadu_si512(h + i) : _mm512_maskz_loadu_epi16(m, h + i);
+    const __m512i a = _mm512_and_si512(v, abs16);
+    const __mmask32 nonzero = _mm512_test_epi16_mask(a, a);
+    if constexpr (CODES) {  // code 0 where x < 0: sign bit set and |x| != 0
+      const uint32_t bits = ~static_cast<uint32_t>(_mm512_movepi16_mask(v) & nonzero) & m;
+      std::memcpy(codes + i / 8, &bits, static_cast<size_t>(std::min<int64_t>(4, (n - i + 7) / 8)));
+    }
+    worst = _mm512_max_epu16(worst, a);
+    least = _mm512_mask_min_epu16(least, nonzero, least, a);
+  }
+  const uint32_t top_bits = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_srli_epi32(worst, 16),
+                                                                     _mm512_and_si512(worst, _mm512_set1_epi32(0xFFFF))));
+  if (top_bits >= 0x7F80u) return false;
+  if (!bins) return true;
+  const int32_t base = static_cast<int32_t>(top_bits >> 7) - 24;
+  if (base < 1) {  // tiny values only: bin by bin (as add_abs_bins)
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
+      const uint32_t ex = u >> 23;
+      bins->add(static_cast<int>(ex), (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
+    }
+    return true;
+  }
+  const uint32_t least_bits = _mm512_reduce_min_epu32(_mm512_min_epu32(_mm512_srli_epi32(least, 16),
+                                                                       _mm512_and_si512(least, _mm512_set1_epi32(0xFFFF))));
+  const __m512i vbase = _mm512_set1_epi32(base), abs32 = _mm512_set1_epi32(0x7FFF);
+  const __m512i mant = _mm512_set1_epi32(0x7F), implicit = _mm512_set1_epi32(0x80), one = _mm512_set1_epi32(1);
+  __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+  auto add16 = [&](__m512i v) DQ_AVX512 {  // v: 16 bf16 patterns in 32-bit lanes
+    const __m512i a = _mm512_and_si512(v, abs32);
+    const __m512i sh = _mm512_sub_epi32(_mm512_srli_epi32(a, 7), vbase);
+    const __m512i t = _mm512_sllv_epi32(_mm512_ternarylogic_epi32(a, mant, implicit, 0xEA), sh);
+    lo = _mm512_add_epi32(lo, t);
+    hi = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(lo, t), hi, one);  // carries
+  };
+  const int64_t full = n & ~int64_t(15);
+  for (int64_t i = 0; i < full; i += 16) {
+    prefetch16(x, n + i, 1);
+    add16(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+  }
+  if (full < n) add16(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first_lanes(n - full), h + full)));
+  const __m512i sum = _mm512_add_epi64(
+      _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(lo)),
+                       _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(lo, 1))),
+      _mm512_slli_epi64(_mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(hi)),
+                                         _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(hi, 1))), 32));
+  bins->add(base + 16, static_cast<uint64_t>(_mm512_reduce_add_epi64(sum)));
+  if (least_bits < (static_cast<uint32_t>(base) << 7)) {  // non-zero elements below the window
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
+      const int32_t ex = static_cast<int32_t>(u >> 23);
+      if (ex < base && u != 0u) bins->add(ex, (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
+    }
+  }
+  return true;
+}
+
+template <typename T, bool CODES>
+DQ_AVX512 bool abs_block(const T* x, int64_t n, AbsBins* bins, uint8_t* codes) {
+  if constexpr (std::is_same_v<T, bf16_t>) return abs_block_bf16<CODES>(x, n, bins, codes);
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  // largest |x| and smallest non-zero |x| (as bits; masked lanes read +0.0)
+  __m512i worst = _mm512_setzero_si512(), least = _mm512_set1_epi32(-1);
+  auto scan16 = [&](__m512i u) DQ_AVX512 {
+    const __m512i a = _mm512_and_si512(u, absmask);
+    worst = _mm512_max_epu32(worst, a);
+    least = _mm512_mask_min_epu32(least, _mm512_test_epi32_mask(a, a), least, a);
+  };
+  const int64_t full = n & ~int64_t(15);
+  for (int64_t i = 0; i < full; i += 16) {
+    const __m512i u = load_bits16(x + i);
+    if constexpr (CODES) {
+      const uint16_t bits = sign_bits16(u);
+      std::memcpy(codes + i / 8, &bits, 2);
+    }
+    scan16(u);
+  }
+  if (full < n) {
+    const __mmask16 m = first_lanes(n - full);
+    const __m512i u = load_bits16(x + full, m);
+    if constexpr (CODES) {
+      const uint16_t bits = static_cast<uint16_t>(sign_bits16(u) & m);
+      codes[full / 8] = static_cast<uint8_t>(bits);
+      if (n - full > 8) codes[full / 8 + 1] = static_cast<uint8_t>(bits >> 8);
+    }
+    scan16(u);
+  }
+  const uint32_t top_bits = _mm512_reduce_max_epu32(worst);
+  if (top_bits >= 0x7F800000u) return false;
+  if (!bins) return true;
+  const uint32_t least_bits = _mm512_reduce_min_epu32(least);
+  const int32_t base = static_cast<int32_t>(top_bits >> 23) - 24;
+  if (base < 1) {  // tiny values only: bin by bin (as add_abs_bins)
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
+      const uint32_t ex = u >> 23;
+      bins->add(static_cast<int>(ex), (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
+    }
+    return true;
+  }
+  // m << (e - base) in 64-bit lanes, even and odd elements apart (the low and
+  // high halves of each lane); a negative shift (e < base) reads as an
+  // unsigned count above 63, for which vpsllvq gives 0. Each term is below
+  // 2^48, so the block's sum (< 2^59) fits.
+  const __m512i vbase = _mm512_set1_epi32(base);
+  const __m512i mant = _mm512_set1_epi32(0x7FFFFF), implicit = _mm512_set1_epi32(0x800000);
+  const __m512i low32 = _mm512_set1_epi64(0xFFFFFFFFll);
+  __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+  auto add16 = [&](__m512i u) DQ_AVX512 {
+    const __m512i sh = _mm512_sub_epi32(_mm512_srli_epi32(u, 23), vbase);
+    const __m512i sig = _mm512_ternarylogic_epi32(u, mant, implicit, 0xEA);  // (u & mant) | implicit
+    acc0 = _mm512_add_epi64(acc0, _mm512_sllv_epi64(_mm512_and_si512(sig, low32), _mm512_and_si512(sh, low32)));
+    acc1 = _mm512_add_epi64(acc1, _mm512_sllv_epi64(_mm512_srli_epi64(sig, 32), _mm512_srli_epi64(sh, 32)));
+  };
+  for (int64_t i = 0; i < full; i += 16) {
+    prefetch16(x, n + i, 1);
+    add16(_mm512_and_si512(load_bits16(x + i), absmask));
+  }
+  if (full < n) add16(_mm512_and_si512(load_bits16(x + full, first_lanes(n - full)), absmask));
+  bins->add(base, static_cast<uint64_t>(_mm512_reduce_add_epi64(_mm512_add_epi64(acc0, acc1))));
+  if (least_bits < (static_cast<uint32_t>(base) << 23)) {  // non-zero elements below the window
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
+      const int32_t ex = static_cast<int32_t>(u >> 23);
+      if (ex < base && u != 0u) bins->add(ex, (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
+    }
+  }
+  return true;
+}
+
+// abs_block over x[0, n) block by block (codes, when set, at x's byte).
+template <typename T>
+DQ_AVX512 bool abs_range(const T* x, int64_t n, AbsBins* bins, uint8_t* codes) {
+  bool finite = true;
+  for (int64_t b = 0; b < n; b += kBlock512) {
+    const int64_t len = std::min(kBlock512, n - b);
+    finite &= codes ? abs_block<T, true>(x + b, len, bins, codes + b / 8)
+                    : abs_block<T, false>(x + b, len, bins, nullptr);
+  }
+  return finite;
+}
+
+// ---- ternary absmean codes by a threshold ----
+// With s > 0 fixed, fl(|x| / s) is non-decreasing in |x|, and the absmean code
+// of x is 1 (q = 0) unless rne(fl(|x| / s)) >= 1, i.e. fl(|x| / s) > 0.5
+// (0.5 itself rounds to the even 0); then q = sign(x) (the clamp to [-1, 1]
+// takes care of larger quotients). So the code only needs the smallest
+// float t with fl(t / s) > 0.5: x is kept iff |x| >= t, a comparison of
+// magnitude bits. ternary_threshold finds t with the kernels' own division,
+// and checks its neighbour below, so no argument about the rounding of the
+// quotient is needed.
+inline float ternary_threshold(float s) {
+  float t = s * 0.5f;  // exact (s >= kAbsmeanEps is far from the subnormals)
+  while (!(div_rn(t, s) > 0.5f)) t = std::nextafter(t, INFINITY);
+  for (float below = std::nextafter(t, 0.0f); div_rn(below, s) > 0.5f; below = std::nextafter(t, 0.0f))
+    t = below;
+  return t;
+}
+
+// Codes of x[b, e) (b a multiple of 16): 2-bit code 2 (|x| >= t, x > 0),
+// 0 (|x| >= t, x < 0) or 1, i.e. per element a low bit "not kept" and a high
+// bit "kept and positive", interleaved into the stream with pdep.
+// bf16: 32 elements per vector on the 16-bit patterns; |x| >= t iff the
+// pattern of |x| is at least t's pattern rounded up to 16 bits.
+DQ_AVX512 void ternary_chunk_bf16(const bf16_t* x, int64_t b, int64_t e, uint32_t t_bits, uint8_t* packed) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(x);
+  const __m512i abs16 = _mm512_set1_epi16(0x7FFF);
+  const __m512i tv = _mm512_set1_epi16(static_cast<int16_t>((t_bits + 0xFFFFu) >> 16));
+  for (int64_t i = b; i < e; i += 32) {
+    const int64_t len = std::min<int64_t>(32, e - i);
+    const __mmask32 m = len == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << len) - 1u);
+    const __m512i v = len == 32 ? _mm512_loadu_si512(h + i) : _mm512_maskz_loadu_epi16(m, h + i);
+    const __mmask32 kept = _mm512_cmpge_epu16_mask(_mm512_and_si512(v, abs16), tv);
+    const uint64_t low = static_cast<uint32_t>(~kept & m), high = static_cast<uint32_t>(kept & ~_mm512_movepi16_mask(v));
+    const uint64_t word = _pdep_u64(low, 0x5555555555555555ull) | _pdep_u64(high, 0xAAAAAAAAAAAAAAAAull);
+    std::memcpy(packed + i / 4, &word, static_cast<size_t>((len + 3) / 4));
+  }
+}
+
+template <typename T>
+DQ_AVX512 void ternary_chunk(const T* x, int64_t b, int64_t e, uint32_t t_bits, uint8_t* packed) {
+  if constexpr (std::is_same_v<T, bf16_t>) return ternary_chunk_bf16(x, b, e, t_bits, packed);
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), tv = _mm512_set1_epi32(static_cast<int32_t>(t_bits));
+  auto word16 = [&](__m512i u, __mmask16 m) DQ_AVX512 -> uint32_t {
+    const __mmask16 kept = _mm512_cmpge_epu32_mask(_mm512_and_si512(u, absmask), tv);
+    const __mmask16 neg = _mm512_movepi32_mask(u);
+    const uint32_t low = static_cast<uint32_t>(~kept & m), high = static_cast<uint32_t>(kept & ~neg & m);
+    return _pdep_u32(low, 0x55555555u) | _pdep_u32(high, 0xAAAAAAAAu);
+  };
+  int64_t i = b;
+  for (; i + 16 <= e; i += 16) {
+    const uint32_t word = word16(load_bits16(x + i), 0xFFFF);
+    std::memcpy(packed + i / 4, &word, 4);
+  }
+  if (i < e) {  // the stream's last, partial unit: its bytes only, padding bits zero
+    const __mmask16 m = first_lanes(e - i);
+    const uint32_t word = word16(load_bits16(x + i, m), m);
+    std::memcpy(packed + i / 4, &word, static_cast<size_t>((e - i + 3) / 4));
+  }
+}
+
+// ---- uniform quantization of a chunk, groups fused ----
+
+// Position in the (row, group) layout: the group of flat element i.
+struct GroupCursor {
+  int64_t cols, gs, groups;
+  int64_t r, g, end;  // current row, group, flat end of the group
+  void seek(int64_t i) {
+    r = i / cols;
+    g = (i - r * cols) / gs;
+    end = r * cols + std::min(cols, (g + 1) * gs);
+  }
+  void next() {
+    if (++g == groups) {
+      g = 0;
+      ++r;
+    }
+    end = r * cols + std::min(cols, (g + 1) * gs);
+  }
+  int64_t begin() const { return r * cols + g * gs; }
+  int64_t index() const { return r * groups + g; }
+};
+
+struct GroupStats {
+  float lo, hi;
+  uint32_t worst;  // max |x| bits
+};
+
+template <typename T>
+DQ_AVX512 inline __attribute__((always_inline)) GroupStats group_stats(const T* x, int64_t b, int64_t e) {
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();  // 0 is always in range (uniform_params)
+  __m512i worst = _mm512_setzero_si512();
+  int64_t i = b;
+  for (; i + 16 <= e; i += 16) {
+    const __m512i u = load_bits16(x + i);
+    lo = _mm512_min_ps(lo, _mm512_castsi512_ps(u));
+    hi = _mm512_max_ps(hi, _mm512_castsi512_ps(u));
+    worst = _mm512_max_epu32(worst, _mm512_and_si512(u, absmask));
+  }
+  if (i < e) {  // masked lanes read +0.0: no change to min(lo, 0), max(hi, 0) or max |x|
+    const __m512i u = load_bits16(x + i, first_lanes(e - i));
+    lo = _mm512_min_ps(lo, _mm512_castsi512_ps(u));
+    hi = _mm512_max_ps(hi, _mm512_castsi512_ps(u));
+    worst = _mm512_max_epu32(worst, _mm512_and_si512(u, absmask));
+  }
+  return {_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), _mm512_reduce_max_epu32(worst)};
+}
+
+// uniform_params for 16 groups at once (lo, hi: the groups' min and max;
+// amax: max |x|): the same operations in the same order, with vminps/vmaxps
+// for the selects (vminps(a, b) is a < b ? a : b, vmaxps(a, b) is a > b ? a : b,
+// which is what the scalar selects compute, signed zeros included).
+template <int BITS>
+DQ_AVX512 inline void uniform_params16(__m512 lo, __m512 hi, __m512 amax, bool symmetric, __m512* scale,
+                                       __m512* zero) {
+  const __m512 zero_v = _mm512_setzero_ps();
+  if (symmetric) {
+    const __m512 s = _mm512_div_ps(amax, _mm512_set1_ps(static_cast<float>((1 << (BITS - 1)) - 1)));
+    *scale = _mm512_max_ps(s, zero_v);
+    *zero = _mm512_set1_ps(static_cast<float>(1 << (BITS - 1)));
+    return;
+  }
+  const __m512 maxq = _mm512_set1_ps(static_cast<float>((1 << BITS) - 1));
+  lo = _mm512_min_ps(lo, zero_v);
+  hi = _mm512_max_ps(hi, zero_v);
+  const __m512 s = _mm512_max_ps(_mm512_div_ps(_mm512_sub_ps(hi, lo), maxq), zero_v);
+  const __mmask16 pos = _mm512_cmp_ps_mask(s, zero_v, _CMP_GT_OQ);
+  // rne_clamped(-lo / s): clamp to [-512, 512], round half to even
+  const __m512 neg_lo = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(lo), _mm512_set1_epi32(int32_t(0x80000000u))));
+  __m512 y = _mm512_maskz_div_ps(pos, neg_lo, s);
+  y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-kPreClamp)), _mm512_set1_ps(kPreClamp));
+  __m512 z = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // z < 0 ? 0 : (z > maxq ? maxq : z); only a -0.0 may come out as +0.0, which no code can tell
+  z = _mm512_min_ps(_mm512_max_ps(z, zero_v), maxq);
+  *scale = s;
+  *zero = _mm512_maskz_mov_ps(pos, z);
+}
+
+// One chunk [b, e) of quantize_uniform: scale and zero point of every group
+// that meets the chunk (from the whole group, which may reach outside it;
+// written to s_out / z_out by the chunk holding the group's first element),
+// then the chunk's codes while it is still in cache. scratch: 5 arrays of
+// at least e - b + 16 floats.
+template <typename T, int BITS>
+DQ_AVX512 void uniform_chunk(const T* x, int64_t b, int64_t e, int64_t cols, int64_t gs, int64_t groups,
+                             bool symmetric, float* s_out, uint8_t* z_out, uint8_t* packed, int64_t nbytes,
+                             float* scratch, int64_t stride, std::atomic<bool>& finite,
+                             std::atomic<bool>& overflow) {
+  float* ls = scratch;
+  float* lz = scratch + stride;
+  float* glo = scratch + 2 * stride;
+  float* ghi = scratch + 3 * stride;
+  float* gamax = scratch + 4 * stride;
+  // the groups' min, max and max |x|
+  GroupCursor cur{cols, gs, groups, 0, 0, 0};
+  cur.seek(b);
+  const bool first_owned = cur.begin() >= b;
+  const int64_t first_index = cur.index();
+  int64_t ngroups = 0;
+  for (int64_t pos = b; pos < e; cur.next(), ++ngroups) {
+    const GroupStats st = group_stats(x, cur.begin(), cur.end);
+    pos = cur.end;
+    glo[ngroups] = st.lo;
+    ghi[ngroups] = st.hi;
+    gamax[ngroups] = f32_from_bits(st.worst);
+  }
+  // their parameters, 16 at a time (lanes past ngroups: zeros, never stored)
+  __mmask16 bad = 0, huge = 0;
+  for (int64_t k = 0; k < ngroups; k += 16) {
+    const __mmask16 m = first_lanes(ngroups - k);
+    const __m512i w = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, gamax + k));
+    __m512 sv, zv;
+    uniform_params16<BITS>(_mm512_maskz_loadu_ps(m, glo + k), _mm512_maskz_loadu_ps(m, ghi + k),
+                           _mm512_castsi512_ps(w), symmetric, &sv, &zv);
+    bad |= _mm512_cmpge_epu32_mask(w, _mm512_set1_epi32(0x7F800000));
+    huge |= _mm512_cmp_ps_mask(sv, _mm512_set1_ps(3.4028234663852886e38f), _CMP_NLE_UQ);
+    _mm512_storeu_ps(ls + k, sv);
+    _mm512_storeu_ps(lz + k, zv);
+  }
+  if (bad) finite = false;
+  if (huge) overflow = true;
+  // groups owned by this chunk: consecutive global indices from first_index
+  const int64_t own0 = first_owned ? 0 : 1;
+  if (ngroups > own0) {
+    std::memcpy(s_out + first_index + own0, ls + own0, static_cast<size_t>(ngroups - own0) * sizeof(float));
+    for (int64_t k = own0; k < ngroups; k += 16) {
+      const __mmask16 m = first_lanes(ngroups - k);
+      _mm512_mask_cvtepi32_storeu_epi8(z_out + first_index + k, m, _mm512_cvttps_epi32(_mm512_maskz_loadu_ps(m, lz + k)));
+    }
+  }
+  // the codes
+  const __m512 mv = _mm512_set1_ps(static_cast<float>((1 << BITS) - 1));
+  const int64_t ahead = e - b;
+  cur.seek(b);
+  int64_t k = 0;
+  int64_t i = b;
+  while (i < e) {
+    while (i >= cur.end) {
+      cur.next();
+      ++k;
+    }
+    const int64_t len = std::min<int64_t>(16, e - i);
+    if (cur.end - i >= len) {  // whole units in this group
+      const int64_t lim = std::min(cur.end, e);
+      const __m512 sv = _mm512_set1_ps(ls[k]), zv = _mm512_set1_ps(lz[k]);
+      for (; i + 16 <= lim; i += 16) {
+        prefetch16(x, i + ahead, 1);  // the next chunk, while this one is in L1
+        pack16<BITS>(code16(load16(x + i), sv, zv, mv), packed + (i / 8) * BITS);
+      }
+      if (i < lim && lim == e) {  // the stream's last, partial unit
+        pack_partial<BITS>(code16(load16(x + i, first_lanes(e - i)), sv, zv, mv), i, e - i, packed, nbytes);
+        i = e;
+      }
+    } else {  // a unit across groups: per-lane scales and zero points
+      alignas(64) float sl[16], zl[16];
+      GroupCursor lane = cur;
+      int64_t kk = k;
+      for (int64_t j = 0; j < 16; ++j) {
+        if (j < len) {
+          while (i + j >= lane.end) {
+            lane.next();
+            ++kk;
+          }
+          sl[j] = ls[kk];
+          zl[j] = lz[kk];
+        } else {
+          sl[j] = 1.0f;
+          zl[j] = 0.0f;
+        }
+      }
+      const __m512i q = code16(load16(x + i, first_lanes(len)), _mm512_load_ps(sl), _mm512_load_ps(zl), mv);
+      if (len == 16) {
+        pack16<BITS>(q, packed + (i / 8) * BITS);
+      } else {
+        pack_partial<BITS>(q, i, len, packed, nbytes);
+      }
+      i += len;
+    }
+  }
+}
+
+// ---- applying ----
+
+// w[i, i + 16) (lanes in m) += alpha * dq, dq from codes q with per-lane s, z.
+template <typename T, int BITS>
+DQ_AVX512 inline void apply16(T* w, __m512i q, __mmask16 code_bits, __m512 s, __m512i z, __m512 alpha,
+                              __mmask16 m) {
+  __m512 dq;
+  if constexpr (BITS == 1) {
+    const __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(s), _mm512_set1_epi32(int32_t(0x80000000u))));
+    dq = _mm512_mask_blend_ps(code_bits, neg, s);
+  } else {
+    dq = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, z)), s);
+  }
+  const __m512 wv = m == 0xFFFF ? load16(w) : load16(w, m);
+  store16(w, _mm512_add_ps(wv, _mm512_mul_ps(alpha, dq)), m);
+}
+
+DQ_AVX512 inline __mmask16 load_sign_mask16(const uint8_t* in) {
+  uint16_t bits;
+  std::memcpy(&bits, in, 2);
+  return bits;
+}
+
+template <typename T, int BITS>
+DQ_AVX512 void apply_chunk(T* w, const uint8_t* packed, int64_t nbytes, const float* s_in, const uint8_t* z_in,
+                           int64_t R, int64_t cols, int64_t gs, int64_t groups, float alpha, int64_t b,
+                           int64_t e) {
+  const __m512 av = _mm512_set1_ps(alpha);
+  const Unpacker<BITS> unpack16;
+  GroupCursor cur{cols, gs, groups, 0, 0, 0};
+  cur.seek(b);
+  auto param = [&](const GroupCursor& c) { return (R > 1 ? c.r : 0) * groups + c.g; };
+  int64_t i = b;
+  while (i < e) {
+    while (i >= cur.end) cur.next();
+    const int64_t len = std::min<int64_t>(16, e - i);
+    __m512 sv;
+    __m512i zv;
+    if (cur.end - i >= len) {  // whole units in this group
+      const int64_t k = param(cur);
+      sv = _mm512_set1_ps(s_in[k]);
+      zv = _mm512_set1_epi32(z_in ? int32_t(z_in[k]) : 0);
+      const int64_t lim = std::min(cur.end, e);
+      for (; i + 16 <= lim; i += 16) {
+        const uint8_t* unit = packed + (i / 8) * BITS;
+        if constexpr (BITS == 1) {
+          apply16<T, 1>(w + i, _mm512_setzero_si512(), load_sign_mask16(unit), sv, zv, av, 0xFFFF);
+        } else {
+          apply16<T, BITS>(w + i, unpack16(unit), 0, sv, zv, av, 0xFFFF);
+        }
+      }
+      if (!(i < lim && lim == e)) continue;
+    } else {  // a unit across groups
+      alignas(64) float sl[16];
+      alignas(64) int32_t zl[16];
+      GroupCursor lane = cur;
+      for (int64_t j = 0; j < 16; ++j) {
+        if (j < len) {
+          while (i + j >= lane.end) lane.next();
+          const int64_t k = param(lane);
+          sl[j] = s_in[k];
+          zl[j] = z_in ? int32_t(z_in[k]) : 0;
+        } else {
+          sl[j] = 0.0f;
+          zl[j] = 0;
+        }
+      }
+      sv = _mm512_load_ps(sl);
+      zv = _mm512_load_si512(zl);
+    }
+    // one unit [i, i + len) with sv / zv: partial at the stream's end, or across groups
+    const __mmask16 m = first_lanes(e - i);
+    const int64_t ulen = std::min<int64_t>(16, e - i);
+    const __m512i q = ulen == 16 && BITS > 1 ? unpack16(packed + (i / 8) * BITS)
+                                             : unpack_partial<BITS>(packed, nbytes, i, ulen);
+    const __mmask16 code_bits = BITS == 1 ? _mm512_cmpneq_epi32_mask(q, _mm512_setzero_si512()) : 0;
+    apply16<T, BITS>(w + i, q, code_bits, sv, zv, av, m);
+    i += ulen;
+  }
+}
+
+
+// ---- drivers (threading; no AVX-512 code of their own) ----
+
+// Per-thread scratch of at least n floats, kept between calls (one buffer per
+// thread for every dtype and bit width).
+float* thread_scratch(int64_t n) {
+  static thread_local std::vector<float> scratch;
+  if (scratch.size() < static_cast<size_t>(n)) scratch.resize(static_cast<size_t>(n));
+  return scratch.data();
+}
+
+// abs_mean_from_bins for bins whose non-zero entries span few exponents (a
+// row's usually span a handful): the total as one 128-bit integer at the
+// lowest of them, converted to double by the compiler's correctly rounded
+// (nearest even) integer conversion, then scaled by a power of two (exact:
+// the result is at least 2^-149). That is the double abs_sum_to_double
+// computes; other bins go through it. Clears the bins it read.
+float row_abs_mean(AbsBins& bins, int64_t count) {
+  int emin = kExponentBins, emax = -1;
+  bool wide = false;
+  for (int e = 0; e < kExponentBins; ++e) {
+    if (bins.lo[e] | bins.hi[e]) {
+      emin = std::min(emin, e);
+      emax = e;
+      wide |= bins.hi[e] != 0;
+    }
+  }
+  if (emax < 0) return 0.0f;
+  const int base = std::max(emin, 1);
+  float mean;
+  if (!wide && emax - base <= 56) {  // each term < 2^120, at most 57 of them: < 2^126
+    unsigned __int128 total = 0;
+    for (int e = emin; e <= emax; ++e)
+      total += static_cast<unsigned __int128>(bins.lo[e]) << (std::max(e, 1) - base);
+    const double sum = std::ldexp(static_cast<double>(total), base - 150);
+    mean = static_cast<float>(sum / static_cast<double>(count));
+  } else {
+    mean = abs_mean_from_bins(bins.lo, count, bins.hi);
+  }
+  std::memset(bins.lo + emin, 0, sizeof(uint64_t) * static_cast<size_t>(emax - emin + 1));
+  std::memset(bins.hi + emin, 0, sizeof(uint64_t) * static_cast<size_t>(emax - emin + 1));
+  return mean;
+}
+
+// Sign codes into out and the exact mean |x| (per row or of the tensor): one
+// read of x where rows start on byte boundaries (always for the tensor).
+template <typename T>
+std::vector<float> sign_avx512(const T* x, int64_t rows, int64_t cols, bool per_row, uint8_t* out) {
+  const int64_t n = rows * cols;
+  std::atomic<bool> finite{true};
+  std::vector<float> means;
+  if (per_row) {
+    means.resize(static_cast<size_t>(rows));
+    const bool fused = cols % 8 == 0;
+    parallel_chunks(rows, std::max<int64_t>(1, kChunk / std::max<int64_t>(cols, 1)), [&](int64_t rb, int64_t re) {
+      AbsBins bins;
+      bins.clear();
+      for (int64_t r = rb; r < re; ++r) {  // row_abs_mean leaves the bins cleared
+        if (!abs_range(x + r * cols, cols, &bins, fused ? out + r * cols / 8 : nullptr)) finite = false;
+        means[r] = cols ? row_abs_mean(bins, cols) : 0.0f;
+      }
+    });
+    if (!fused)
+      parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) { abs_range(x + b, e - b, nullptr, out + b / 8); });
+  } else {
+    const int64_t chunk = int64_t(1) << 18;
+    const int64_t nchunks = (n + chunk - 1) / chunk;
+    std::vector<AbsBins> chunk_bins(static_cast<size_t>(std::max<int64_t>(nchunks, 1)));
+    parallel_chunks(n, chunk, [&](int64_t b, int64_t e) {
+      AbsBins& bins = chunk_bins[b / chunk];
+      bins.clear();
+      if (!abs_range(x + b, e - b, &bins, out + b / 8)) finite = false;
+    });
+    AbsBins total;
+    total.clear();
+    for (int64_t c = 0; c < nchunks; ++c) total.merge(chunk_bins[c]);
+    means.push_back(abs_mean_from_bins(total.lo, n, total.hi));
+  }
+  if (!finite) throw_nonfinite(x, n, "x");
+  return means;
+}
+
+// The exact mean |x| of the whole tensor; throws on NaN/inf.
+template <typename T>
+float abs_mean_avx512(const T* x, int64_t n) {
+  std::atomic<bool> finite{true};
+  const int64_t chunk = int64_t(1) << 18;
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  std::vector<AbsBins> chunk_bins(static_cast<size_t>(std::max<int64_t>(nchunks, 1)));
+  parallel_chunks(n, chunk, [&](int64_t b, int64_t e) {
+    AbsBins& bins = chunk_bins[b / chunk];
+    bins.clear();
+    if (!abs_range(x + b, e - b, &bins, nullptr)) finite = false;
+  });
+  if (!finite) throw_nonfinite(x, n, "x");
+  AbsBins total;
+  total.clear();
+  for (int64_t c = 0; c < nchunks; ++c) total.merge(chunk_bins[c]);
+  return abs_mean_from_bins(total.lo, n, total.hi);
+}
+
+#pragma GCC diagnostic pop
+#endif  // DELTAOPS_QUANT_AVX512
 
 }  // namespace
 
@@ -396,7 +1204,7 @@ at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, int64_t numel) {
   with_bits(bits, [&](auto bits_tag) {
     constexpr int B = decltype(bits_tag)::value;
     validate_stream(packed, B, numel);
-    out = at::empty({numel}, packed.options());
+    out = new_output({numel}, packed.options());
     const uint8_t* p = packed.data_ptr<uint8_t>();
     uint8_t* o = out.data_ptr<uint8_t>();
     const int64_t nbytes = packed.numel();
@@ -414,6 +1222,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_sign(const at::Tensor& x, bool per_r
   with_dtype(x, "x", [&](auto tag) {
     using T = decltype(tag);
     const T* data = static_cast<const T*>(x.data_ptr());
+#if DELTAOPS_QUANT_AVX512
+    if (use_avx512()) {
+      packed = new_output({packed_nbytes(x.numel(), 1)}, x.options().dtype(at::kByte));
+      const std::vector<float> means = sign_avx512(data, rows, cols, per_row, packed.data_ptr<uint8_t>());
+      scales = at::empty({per_row ? rows : 1, 1}, x.options().dtype(at::kFloat));
+      std::copy(means.begin(), means.end(), scales.data_ptr<float>());
+      return;
+    }
+#endif
     const std::vector<float> means = abs_means(data, rows, cols, per_row);
     scales = at::empty({per_row ? rows : 1, 1}, x.options().dtype(at::kFloat));
     std::copy(means.begin(), means.end(), scales.data_ptr<float>());
@@ -431,6 +1248,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_ternary_absmean(const at::Tensor& x)
   with_dtype(x, "x", [&](auto tag) {
     using T = decltype(tag);
     const T* data = static_cast<const T*>(x.data_ptr());
+#if DELTAOPS_QUANT_AVX512
+    if (use_avx512()) {
+      const float mean = abs_mean_avx512(data, x.numel());
+      const float s = mean > kAbsmeanEps ? mean : kAbsmeanEps;
+      scale = at::full({1, 1}, s, x.options().dtype(at::kFloat));
+      const int64_t n = x.numel(), nbytes = packed_nbytes(n, 2);
+      packed = new_output({nbytes}, x.options().dtype(at::kByte));
+      uint8_t* out = packed.data_ptr<uint8_t>();
+      const uint32_t t_bits = f32_bits(ternary_threshold(s));
+      parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) { ternary_chunk(data, b, e, t_bits, out); });
+      return;
+    }
+#endif
     const float mean = abs_means(data, rows, cols, false)[0];
     const float s = mean > kAbsmeanEps ? mean : kAbsmeanEps;
     scale = at::full({1, 1}, s, x.options().dtype(at::kFloat));
@@ -442,6 +1272,32 @@ std::tuple<at::Tensor, at::Tensor> quantize_ternary_absmean(const at::Tensor& x)
   return {packed, scale};
 }
 
+at::Tensor compeft_pack(const at::Tensor& x, const at::Tensor& keep) {
+  check_cpu(x, "x");
+  check_cpu(keep, "keep");
+  check_dtype(keep, at::kBool, "keep", "bool");
+  if (keep.numel() != x.numel())
+    throw ValueError("keep must have x's " + std::to_string(x.numel()) + " elements, got " +
+                     std::to_string(keep.numel()));
+  at::Tensor packed;
+  with_dtype(x, "x", [&](auto tag) {
+    using T = decltype(tag);
+    const T* data = static_cast<const T*>(x.data_ptr());
+    const uint8_t* kept = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
+    // one pass: sign(x) + 1 (2, 1 or 0) where kept, 1 elsewhere; branch-free so it vectorizes
+    packed = encode_all<2>(x.numel(), x.options(), [&](int64_t b, int64_t e, uint8_t* codes) {
+      const T* __restrict v = data + b;
+      const uint8_t* __restrict k = kept + b;
+      for (int64_t i = 0; i < e - b; ++i) {
+        const float f = load_f32(v[i]);
+        const uint8_t sign_plus_one = static_cast<uint8_t>(1 + (f > 0.0f) - (f < 0.0f));
+        codes[i] = k[i] ? sign_plus_one : static_cast<uint8_t>(kTernaryZero);
+      }
+    });
+  });
+  return packed;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor& x, int64_t bits,
                                                                 int64_t group_size, bool symmetric) {
   check_cpu(x, "x");
@@ -450,16 +1306,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor
   if (group_size <= 0) throw ValueError("group_size must be positive, got " + std::to_string(group_size));
   const auto [rows, cols] = rows_cols(x, "x");
   const int64_t groups = cols ? (cols + group_size - 1) / group_size : 0;
-  at::Tensor scales = at::empty({rows, groups}, x.options().dtype(at::kFloat));
-  at::Tensor zeros = at::empty({rows, groups}, x.options().dtype(at::kByte));
+  at::Tensor scales = new_output({rows, groups}, x.options().dtype(at::kFloat));
+  at::Tensor zeros = new_output({rows, groups}, x.options().dtype(at::kByte));
   at::Tensor packed;
   with_dtype(x, "x", [&](auto tag) {
     using T = decltype(tag);
     const T* data = static_cast<const T*>(x.data_ptr());
     float* s_out = scales.data_ptr<float>();
     uint8_t* z_out = zeros.data_ptr<uint8_t>();
-    std::vector<float> zf(static_cast<size_t>(rows * groups));
     std::atomic<bool> finite{true}, overflow{false};
+#if DELTAOPS_QUANT_AVX512
+    if (use_avx512()) {
+      // One pass: each chunk computes the parameters of its groups, then its codes.
+      const int64_t n = x.numel();
+      with_bits(bits, [&](auto bits_tag) {
+        constexpr int B = decltype(bits_tag)::value;
+        if constexpr (B >= 2) {
+          const int64_t nbytes = packed_nbytes(n, B);
+          packed = new_output({nbytes}, x.options().dtype(at::kByte));
+          uint8_t* out = packed.data_ptr<uint8_t>();
+          // chunks of 8192 elements: a chunk and the next one (prefetched while
+          // the codes of this one are made) stay in L1 for 16-bit inputs
+          constexpr int64_t kChunk = 1 << 13;
+          constexpr int64_t stride = kChunk + 16;
+          parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) {
+            uniform_chunk<T, B>(data, b, e, cols, group_size, groups, symmetric, s_out, z_out, out, nbytes,
+                                thread_scratch(5 * stride), stride, finite, overflow);
+          });
+        }
+      });
+      if (!finite) throw_nonfinite(data, x.numel(), "x");
+      if (overflow) throw ValueError("x: the value range of a quantization group overflows fp32");
+      return;
+    }
+#endif
+    std::vector<float> zf(static_cast<size_t>(rows * groups));
     // Pass 1: min, max, max |x| of every group, then its scale and zero point.
     const int64_t ngroups = rows * groups;
     parallel_chunks(ngroups, std::max<int64_t>(1, kChunk / group_size), [&](int64_t gb, int64_t ge) {
@@ -589,6 +1470,14 @@ void apply_quantized_(at::Tensor& weight, const at::Tensor& packed, const at::Te
     T* w = static_cast<T*>(weight.data_ptr());
     with_bits(bits, [&](auto bits_tag) {
       constexpr int B = decltype(bits_tag)::value;
+#if DELTAOPS_QUANT_AVX512
+      if (use_avx512()) {
+        parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) {
+          apply_chunk<T, B>(w, p, nbytes, s_in, z_in, R, cols, group_size, groups, alpha32, b, e);
+        });
+        return;
+      }
+#endif
       parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) {
         uint8_t codes[kChunk];
         decode<B>(p, nbytes, b, e - b, codes);

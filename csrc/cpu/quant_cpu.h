@@ -22,6 +22,10 @@ at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, int64_t numel);
 std::tuple<at::Tensor, at::Tensor> quantize_sign(const at::Tensor& x, bool per_row);
 // BitNet b1.58 absmean: (packed 2-bit codes q + 1, fp32 scale (1, 1)).
 std::tuple<at::Tensor, at::Tensor> quantize_ternary_absmean(const at::Tensor& x);
+
+// ComPEFT's packed 2-bit codes of finite x given the kept mask (bool, x's numel):
+// sign(x) + 1 where kept, 1 elsewhere (reference: compeft_pack).
+at::Tensor compeft_pack(const at::Tensor& x, const at::Tensor& keep);
 // Uniform groups along the last dim: (packed codes, fp32 scales (rows, G), uint8 zeros (rows, G)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor& x, int64_t bits,
                                                                 int64_t group_size, bool symmetric);

@@ -335,6 +335,17 @@ at::Tensor pack_bits(const at::Tensor& codes, int64_t bits) {
                          at::Tensor(), 1, 1, 1, false, 0.0f);
 }
 
+at::Tensor compeft_pack(const at::Tensor& x, const at::Tensor& keep) {
+  check_input(x, "compeft_pack", "x");
+  check_input(keep, "compeft_pack", "keep");
+  if (keep.scalar_type() != at::kBool || keep.numel() != x.numel())
+    throw ValueError("keep must be a bool tensor of x's " + std::to_string(x.numel()) + " elements");
+  const c10::cuda::CUDAGuard guard(x.device());
+  // Composed (no kernel of its own yet): int8 sign(x) + 1 where kept, 1 elsewhere, then packed.
+  at::Tensor codes = at::sign(x.reshape(-1)).to(at::kChar).mul_(keep.reshape(-1)).add_(1);
+  return pack_bits(codes.view(at::kByte), 2);
+}
+
 at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, int64_t numel) {
   check_input(packed, "unpack_bits", "packed");
   check_bits(bits, false);

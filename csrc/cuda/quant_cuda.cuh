@@ -12,6 +12,8 @@ namespace cuda {
 
 at::Tensor pack_bits(const at::Tensor& codes, int64_t bits);
 at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, int64_t numel);
+// ComPEFT's packed 2-bit codes: sign(x) + 1 where keep, 1 elsewhere.
+at::Tensor compeft_pack(const at::Tensor& x, const at::Tensor& keep);
 std::tuple<at::Tensor, at::Tensor> quantize_sign(const at::Tensor& x, bool per_row);
 std::tuple<at::Tensor, at::Tensor> quantize_ternary_absmean(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor& x, int64_t bits,

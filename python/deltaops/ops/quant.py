@@ -41,6 +41,10 @@ def _quantize_uniform(x: Tensor, bits: int, group_size: int,
     return ref.quantize_uniform(x, bits, group_size, symmetric)
 
 
+def _compeft_pack(x: Tensor, keep: Tensor) -> Tensor:
+    return ref.compeft_pack(x, keep)
+
+
 def _apply_quantized_(weight: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, bits: int,
                       group_size: int, alpha: float) -> None:
     ref.apply_quantized_(weight, packed, scales, zeros, bits, group_size, alpha)
@@ -82,13 +86,14 @@ quantize_sign_op = define("quantize_sign", _quantize_sign, _quantize_sign_fake)
 quantize_ternary_absmean_op = define("quantize_ternary_absmean", _quantize_ternary_absmean,
                                      _quantize_ternary_fake)
 quantize_uniform_op = define("quantize_uniform", _quantize_uniform, _quantize_uniform_fake)
+compeft_pack_op = define("compeft_pack", _compeft_pack, lambda x, keep: _packed_like(x, 2))
 apply_quantized_op = define("apply_quantized_", _apply_quantized_, lambda *args: None,
                             mutates_args=("weight",))
 delta_bmm_op = define("delta_bmm", _delta_bmm, _delta_bmm_fake)
 
 # The custom ops of this family (tests opcheck each of them).
 OP_NAMES = ("pack_bits", "unpack_bits", "quantize_sign", "quantize_ternary_absmean",
-            "quantize_uniform", "apply_quantized_", "delta_bmm")
+            "quantize_uniform", "compeft_pack", "apply_quantized_", "delta_bmm")
 
 # ---- public API --------------------------------------------------------------------------
 
@@ -169,12 +174,15 @@ def quantize_ternary(delta: Tensor, *, method: str = "absmean", density: Optiona
         raise ValueError("method='compeft' needs density (the fraction of elements kept)")
     density = check.fraction("density", density)
     alpha = check.finite_float("alpha", alpha)
-    ref.check_finite(x, "delta")
-    keep = topk_mask_op(x, int(density * x.numel())).reshape(-1)
     flat = x.reshape(-1)
-    # sign(x) + 1 where kept, 1 elsewhere, in uint8 (no int64 temporaries)
-    codes = (ref.TERNARY_ZERO + ((flat > 0) & keep).to(torch.uint8)) - ((flat < 0) & keep).to(torch.uint8)
-    packed = pack_bits_op(codes, 2)
+    if flat.numel():
+        # One reduction (min and max propagate NaN, and inf shows in them) instead of an
+        # isfinite pass; the reference check then names the first bad element.
+        lo, hi = torch.aminmax(flat)
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            ref.check_finite(x, "delta")
+    keep = topk_mask_op(x, int(density * x.numel()))
+    packed = compeft_pack_op(x, keep)  # sign(x) + 1 where kept, 1 elsewhere, packed
     return TernaryDelta(x.shape, packed, ref.compeft_scale(x, alpha), method=method,
                         dtype=x.dtype)
 

@@ -61,6 +61,7 @@ __all__ = [
     "quantize_sign",
     "quantize_ternary_absmean",
     "quantize_uniform",
+    "compeft_pack",
     "apply_quantized_",
     "delta_bmm",
 ]
@@ -268,6 +269,18 @@ def compeft_codes(x: torch.Tensor, density: float) -> torch.Tensor:
     keep = topk_mask(x, int(density * x.numel())).reshape(-1)
     sign = torch.sign(x.reshape(-1)).to(torch.int64)
     return torch.where(keep, sign + 1, TERNARY_ZERO).to(torch.uint8)
+
+
+def compeft_pack(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The packed 2-bit ComPEFT codes of finite ``x`` given its kept mask: code
+    ``sign(x) + 1`` where ``keep`` (``torch.sign``: 0 for a zero), 1 elsewhere
+    (:func:`compeft_codes` with the top-k mask already chosen)."""
+    if keep.dtype != torch.bool or keep.numel() != x.numel():
+        raise ValueError(f"keep must be a bool tensor of x's {x.numel()} elements, got "
+                         f"{keep.dtype} with {keep.numel()}")
+    sign = torch.sign(x.reshape(-1)).to(torch.int64)
+    codes = torch.where(keep.reshape(-1), sign + 1, TERNARY_ZERO).to(torch.uint8)
+    return pack_bits(codes, 2)
 
 
 def compeft_scale(x: torch.Tensor, alpha: float) -> torch.Tensor:
