@@ -50,7 +50,7 @@ def check_gpu(backend, base, models, method, what, **options):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 3, 8])
-@pytest.mark.parametrize("method", ops_merge.FUSED_METHODS)
+@pytest.mark.parametrize("method", ops_merge.GPU_FUSED_METHODS)
 def test_methods_match_cpu(backend, method, n, dtype):
     usable(backend)
     base, models = inputs((97, 1031), n, dtype, seed=n)  # several tiles, odd tail

@@ -1,10 +1,11 @@
 """The fused CPU merge kernel (deltaops._C.merge_sign_elect) against the reference.
 
 ``deltaops.merge_tensors`` routes task_arithmetic, ties, dare_ties,
-dare_linear, breadcrumbs and breadcrumbs_ties on CPU tensors to the fused
-kernel; :func:`deltaops.reference.merge.merge_tensors` is the specification.
+dare_linear, breadcrumbs, breadcrumbs_ties, della and della_linear on CPU
+tensors to the fused kernel (della in depth: test_merge_della.py);
+:func:`deltaops.reference.merge.merge_tensors` is the specification.
 Results are bit-exact, except with a norm rescale (``l1``/``l2``, the default
-of dare_*): the reference's norms are torch fp32 reductions whose summation
+of dare_* and della*): the reference's norms are torch fp32 reductions whose summation
 order is not pinned, the kernel's are double sums per fixed chunk, so the
 scale factors may differ in the last fp32 bit; those results are compared
 within :data:`tolerances.ULPS` (inputs keep |base| >= 1 so that no
@@ -25,8 +26,8 @@ from backend_harness import run_on, skip_unless_usable
 from tolerances import ULPS, assert_bitwise_equal, assert_within_ulps
 
 METHODS = ops_merge.FUSED_METHODS
-CONSENSUS = ("ties", "dare_ties", "breadcrumbs_ties")
-NORM_RESCALED = ("dare_ties", "dare_linear")  # rescale defaults to l1
+CONSENSUS = ("ties", "dare_ties", "breadcrumbs_ties", "della")
+NORM_RESCALED = ("dare_ties", "dare_linear", "della", "della_linear")  # rescale defaults to l1
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SEED = 1234
 
@@ -92,7 +93,7 @@ def test_methods_match_reference(method, n, density, dtype, threads):
     options = {"weights": [0.5 + 0.25 * i for i in range(n)]}
     if method != "task_arithmetic":
         options["density"] = density
-    if method.startswith("dare"):
+    if method in ref.RANDOM_METHODS:
         options["seed"] = SEED
     check(base, models, method, f"{method} n={n} density={density} {dtype}", **options)
 
@@ -102,7 +103,7 @@ def test_methods_match_reference(method, n, density, dtype, threads):
 def test_sign_count(method, n, threads):
     base, models = inputs((41, 29), n, torch.bfloat16, seed=7)
     opts = {"density": 0.4, "sign_method": "count", "weights": [1.0, -0.5, 0.75, 1.0, 0.2, 0.3, 0.4, 0.9][:n]}
-    if method.startswith("dare"):
+    if method in ref.RANDOM_METHODS:
         opts["seed"] = SEED
     check(base, models, method, f"{method} count", **opts)
 
@@ -119,7 +120,7 @@ def test_options(method, dtype, threads):
                 "out_dtype": out_dtype}
         if method != "task_arithmetic":
             opts["density"] = 0.5
-        if method.startswith("dare"):
+        if method in ref.RANDOM_METHODS:
             opts["seed"] = SEED
         check(base, models, method, f"{method} weights={weights}", **opts)
 
@@ -199,7 +200,7 @@ def test_breadcrumbs_thresholds(method, threads):
 def test_rescale(method, rescale, threads):
     base, models = inputs((19, 23), 3, torch.float32, seed=2)
     opts = {"density": [0.3, 0.6, 0.9], "rescale": rescale}
-    if method.startswith("dare"):
+    if method in ref.RANDOM_METHODS:
         opts["seed"] = SEED
     check(base, models, method, f"{method} rescale={rescale}", **opts)
 

@@ -1,7 +1,7 @@
 // deltaops._C: the fused CPU kernel of the sign-elect / task-arithmetic
 // family of merge_tensors (task_arithmetic, ties, dare_ties, dare_linear,
-// breadcrumbs, breadcrumbs_ties). python/deltaops/reference/merge.py is the
-// specification.
+// breadcrumbs, breadcrumbs_ties, della, della_linear).
+// python/deltaops/reference/merge.py is the specification.
 //
 // Loops are compiled for the build's baseline ISA only (x86-64-v3 by
 // default); no per-ISA table yet.
@@ -20,6 +20,9 @@
 //      with the reference's rounding points (no FMA: -ffp-contract=off), one
 //      rounding to the output dtype.
 // Chunks have a fixed size, so results do not depend on the thread count.
+// della and della_linear replace passes 3 and 4 by passes over chunks of whole
+// rows, which sort each row's keys per model when they reach it (see "della"
+// below).
 // Exactness: everything is bit-exact against the reference except the norm
 // rescale factors, which the reference takes from torch's fp32 reductions
 // (order not pinned); here they come from double sums rounded to fp32.
@@ -46,6 +49,7 @@
 #include "deltaops/bits.h"
 #include "deltaops/merge.h"  // delta_key, sign_of, agrees, nonzero_or_one, masked_delta, ...
 #include "deltaops/merge_select.h"  // top-k thresholds from the delta-key histograms
+#include "deltaops/philox.h"  // philox_word, uniform_from_word (della on strided rows)
 #include "f16_blocks.h"
 #include "sparse_cpu.h"
 
@@ -216,7 +220,7 @@ std::vector<Thr> topk_thresholds(const T* b, const T* m, int64_t n, const std::v
 
 // ---- per-model configuration ------------------------------------------------------
 
-enum Mode { kDense = 0, kZero = 1, kMagnitude = 2, kRandom = 3 };
+enum Mode { kDense = 0, kZero = 1, kMagnitude = 2, kRandom = 3, kDella = 4 };
 enum Rescale { kNone = 0, kL1 = 1, kL2 = 2, kLinf = 3, kDensity = 4 };
 
 struct ModelCfg {
@@ -224,6 +228,8 @@ struct ModelCfg {
   Thr keep, drop;        // kMagnitude
   bool has_drop = false;
   float p = 1.0f;        // fp32(density): random keep probability, density rescale
+  float low = 0.0f;      // kDella: fp32(density - epsilon), the lowest rank's probability
+  float width = 0.0f;    // kDella: fp32(2 * epsilon)
   float w = 1.0f;        // fp32(weight)
   bool scale = false;    // multiply the sparsified delta by `factor` (norm rescale)
   float factor = 1.0f;
@@ -422,6 +428,37 @@ void count_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
 
 // ---- pass 3: norms for the rescale ------------------------------------------------
 
+// The rescale factors from per-chunk partial norms part[(c * nw + q) * 2 + {0, 1}] (norm
+// of the delta, of the sparsified delta) of models which[q], added in chunk order:
+// factor = fp32(|d|) / fp32(|masked|), skipped (as rescale_to_norm) when either is < 1e-7.
+void finish_norms(Plan& plan, const std::vector<int>& which, const std::vector<double>& part,
+                  int64_t nc) {
+  const size_t nw = which.size();
+  for (size_t q = 0; q < nw; ++q) {
+    double before = 0, after = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      const double x0 = part[(static_cast<size_t>(c) * nw + q) * 2];
+      const double x1 = part[(static_cast<size_t>(c) * nw + q) * 2 + 1];
+      if (plan.rescale == kLinf) {
+        before = std::max(before, x0);
+        after = std::max(after, x1);
+      } else {
+        before += x0;
+        after += x1;
+      }
+    }
+    if (plan.rescale == kL2) {
+      before = std::sqrt(before);
+      after = std::sqrt(after);
+    }
+    const float fb = static_cast<float>(before), fa = static_cast<float>(after);
+    ModelCfg& cfg = plan.cfg[which[q]];
+    if (fb < 1e-7f || fa < 1e-7f) continue;  // rescale_to_norm skips
+    cfg.scale = true;
+    cfg.factor = fb / fa;
+  }
+}
+
 template <typename T>
 void norm_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
   std::vector<int> which;
@@ -467,29 +504,7 @@ void norm_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
     }
     std::copy(acc.begin(), acc.end(), part.begin() + static_cast<size_t>(c) * nw * 2);
   });
-  for (size_t q = 0; q < nw; ++q) {
-    double before = 0, after = 0;
-    for (int64_t c = 0; c < nc; ++c) {
-      const double x0 = part[(static_cast<size_t>(c) * nw + q) * 2];
-      const double x1 = part[(static_cast<size_t>(c) * nw + q) * 2 + 1];
-      if (plan.rescale == kLinf) {
-        before = std::max(before, x0);
-        after = std::max(after, x1);
-      } else {
-        before += x0;
-        after += x1;
-      }
-    }
-    if (plan.rescale == kL2) {
-      before = std::sqrt(before);
-      after = std::sqrt(after);
-    }
-    const float fb = static_cast<float>(before), fa = static_cast<float>(after);
-    ModelCfg& cfg = plan.cfg[which[q]];
-    if (fb < 1e-7f || fa < 1e-7f) continue;  // rescale_to_norm skips
-    cfg.scale = true;
-    cfg.factor = fb / fa;
-  }
+  finish_norms(plan, which, part, nc);
 }
 
 // ---- pass 4: the merge ------------------------------------------------------------
@@ -650,6 +665,370 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
   });
 }
 
+// ---- della: per-row rank probabilities (MAGPRUNE) --------------------------------
+//
+// della_keep_probability ranks each row of |delta| along dim 1: the tensor is viewed as
+// (outer, n, inner) with n = size(1) (a 1-D tensor is one row: outer = inner = 1), and
+// row r holds the elements first(r) + k * inner, k = 0..n-1. A row's ranks need the whole
+// row, so della runs its own passes over chunks of whole rows (rows_per_chunk rows each,
+// about kChunk elements; at least one row), instead of merge_pass's flat chunks. Each
+// model's ranks are computed when the pass reaches the row, in row-sized per-thread
+// scratch: nothing of the tensor's size is stored. Chunks are fixed, so results do not
+// depend on the thread count.
+
+struct RowGeom {
+  int64_t n = 1, inner = 1, nrows = 0, rows_per_chunk = 1, nchunks = 0;
+  int64_t first(int64_t r) const { return (r / inner) * n * inner + r % inner; }
+};
+
+RowGeom row_geom(const at::Tensor& base) {
+  RowGeom g;
+  const int64_t numel = base.numel();
+  if (base.dim() >= 2) {
+    g.n = base.size(1);
+    g.inner = 1;
+    for (int64_t d = 2; d < base.dim(); ++d) g.inner *= base.size(d);
+  } else {
+    g.n = numel;
+  }
+  g.nrows = g.n == 0 ? 0 : numel / g.n;
+  g.rows_per_chunk = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, g.n));
+  g.nchunks = (g.nrows + g.rows_per_chunk - 1) / g.rows_per_chunk;
+  return g;
+}
+
+// Radix digits of the rank sort: at most 11 bits (three passes cover 31-bit keys; on
+// 4096x11008 bf16 rows three passes of ~8 bits, whose histograms stay in L1, beat two
+// of ~12 bits); rows up to kSmallRow elements are ranked by direct counting.
+constexpr int kMaxDigitBits = 11;
+constexpr int kSmallRow = 48;
+
+// Per-thread scratch of one row (n elements); xs holds every model's weighted row for
+// the sign election (consensus only).
+struct DellaScratch {
+  std::vector<float> bf, d, rn, u, mk, acc, xs;
+  std::vector<uint32_t> keys;
+  std::vector<uint64_t> items, tmp;
+  std::vector<uint32_t> hist;
+  void init(int64_t n, int nmodels, bool consensus) {
+    if (!bf.empty()) return;
+    const size_t len = static_cast<size_t>(n);
+    for (auto* v : {&bf, &d, &rn, &u, &mk, &acc}) v->resize(len);
+    if (consensus) xs.resize(len * static_cast<size_t>(nmodels));
+    keys.resize(len);
+    items.resize(len);
+    tmp.resize(len);
+    hist.resize(size_t(3) << kMaxDigitBits);
+  }
+};
+
+// out[k] = rank_norm[q_k] for the n deltas d of a row, q_k the ascending rank of |d_k|
+// counted from 0 with equal keys ordered as in top-k (the lower index ranks higher):
+// the reference's fp32((r - 1) / (n - 1)), tabulated in rank_norm.
+//
+// A stable LSD radix sort of (key, index), fed in descending index order so that equal
+// keys keep the higher index first. Only the bits in which the row's keys differ are
+// sorted on, in one to three passes whose digits split that span evenly; the last pass
+// writes out[] directly instead of moving the items once more.
+void della_rank_norms(const float* __restrict d, int64_t n, const float* __restrict rank_norm,
+                      DellaScratch& sc, float* __restrict out) {
+  uint32_t* __restrict keys = sc.keys.data();
+  const uint32_t key0 = delta_key(d[0]);
+  uint32_t diff = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t key = delta_key(d[k]);
+    keys[k] = key;
+    diff |= key ^ key0;
+  }
+  if (diff == 0) {  // every key equal: the lower index ranks higher
+    for (int64_t k = 0; k < n; ++k) out[k] = rank_norm[n - 1 - k];
+    return;
+  }
+  if (n <= kSmallRow) {  // rank by counting: keys below, and equal keys at higher indices
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t key = keys[k];
+      int64_t q = 0;
+      for (int64_t j = 0; j < n; ++j) q += keys[j] < key || (keys[j] == key && j > k);
+      out[k] = rank_norm[q];
+    }
+    return;
+  }
+  const int lo = __builtin_ctz(diff), span = 32 - __builtin_clz(diff) - lo;
+  const int npasses = (span + kMaxDigitBits - 1) / kMaxDigitBits;
+  const int bits = (span + npasses - 1) / npasses;
+  const uint32_t mask = (1u << bits) - 1;
+  const size_t nb = size_t(1) << bits;
+  uint32_t* __restrict h = sc.hist.data();
+  std::fill(h, h + npasses * nb, 0u);
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t v = keys[k] >> lo;
+    ++h[v & mask];
+    if (npasses > 1) ++h[nb + ((v >> bits) & mask)];
+    if (npasses > 2) ++h[2 * nb + ((v >> (2 * bits)) & mask)];  // v keeps the constant high bits
+  }
+  for (int p = 0; p < npasses; ++p) {
+    uint32_t* __restrict off = h + p * nb;
+    uint32_t sum = 0;
+    for (size_t v = 0; v < nb; ++v) {
+      const uint32_t c = off[v];
+      off[v] = sum;
+      sum += c;
+    }
+  }
+  if (npasses == 1) {
+    for (int64_t k = n - 1; k >= 0; --k) out[k] = rank_norm[h[(keys[k] >> lo) & mask]++];
+    return;
+  }
+  uint64_t* src = sc.items.data();  // not __restrict: the passes swap them
+  uint64_t* dst = sc.tmp.data();
+  for (int64_t k = n - 1; k >= 0; --k) {  // pass 0: from the keys, descending index
+    const uint32_t v = keys[k] >> lo;
+    src[h[v & mask]++] = (static_cast<uint64_t>(v) << 32) | static_cast<uint64_t>(k);
+  }
+  for (int p = 1; p < npasses - 1; ++p) {
+    uint32_t* __restrict off = h + p * nb;
+    const int shift = 32 + p * bits;
+    for (int64_t k = 0; k < n; ++k) {
+      const uint64_t item = src[k];
+      dst[off[(item >> shift) & mask]++] = item;
+    }
+    std::swap(src, dst);
+  }
+  {  // the last pass: the sorted position of each item is its rank
+    const int p = npasses - 1;
+    uint32_t* __restrict off = h + p * nb;
+    const int shift = 32 + p * bits;
+    for (int64_t k = 0; k < n; ++k) {
+      const uint64_t item = src[k];
+      out[static_cast<uint32_t>(item)] = rank_norm[off[(item >> shift) & mask]++];
+    }
+  }
+}
+
+// sc.mk = model i's sparsified row (before any norm rescale), sc.d its delta; sc.bf holds
+// the row of fp32(base). della: keep iff philox(seed, stream=i, flat index) < p with
+// p = low + rank_norm * width (the reference's two fp32 roundings); the kept value is
+// d * keep (mergekit's mask), or d / p for the density rescale.
+template <typename T>
+void della_row(const Plan& plan, const RowGeom& g, const float* rank_norm, int i, const T* m,
+               int64_t first, DellaScratch& sc) {
+  const ModelCfg& cfg = plan.cfg[i];
+  const int64_t n = g.n, st = g.inner;
+  const float* __restrict bf = sc.bf.data();
+  float* __restrict d = sc.d.data();
+  float* __restrict mk = sc.mk.data();
+  if (st == 1) {
+    const T* __restrict mr = m + first;
+    for (int64_t k = 0; k < n; ++k) d[k] = load_f32(mr[k]) - bf[k];
+  } else {
+    for (int64_t k = 0; k < n; ++k) d[k] = load_f32(m[first + k * st]) - bf[k];
+  }
+  if (cfg.mode == kDense) {
+    for (int64_t k = 0; k < n; ++k) mk[k] = d[k];
+    return;
+  }
+  if (cfg.mode == kZero) {
+    for (int64_t k = 0; k < n; ++k) mk[k] = 0.0f;
+    return;
+  }
+  float* __restrict rn = sc.rn.data();
+  float* __restrict u = sc.u.data();
+  della_rank_norms(d, n, rank_norm, sc, rn);
+  const uint32_t stream = static_cast<uint32_t>(i);
+  if (st == 1) {
+    philox_uniform_block(u, first, first + n, plan.seed, stream);
+  } else {
+    for (int64_t k = 0; k < n; ++k)
+      u[k] = uniform_from_word(philox_word(plan.seed, stream, static_cast<uint64_t>(first + k * st)));
+  }
+  const float low = cfg.low, width = cfg.width;
+  if (plan.rescale == kDensity) {
+    // divide every element, then select with integer ops (+0.0 where dropped): a
+    // division under the keep branch would neither vectorize nor predict
+    for (int64_t k = 0; k < n; ++k) {
+      const float p = low + rn[k] * width;
+      const uint32_t keep = 0u - static_cast<uint32_t>(u[k] < p);
+      mk[k] = f32_from_bits(f32_bits(d[k] / p) & keep);
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      const float p = low + rn[k] * width;
+      mk[k] = masked_delta(d[k], u[k] < p);
+    }
+  }
+}
+
+template <typename T>
+void load_row(const T* b, const RowGeom& g, int64_t first, float* __restrict bf) {
+  if (g.inner == 1) {
+    const T* __restrict br = b + first;
+    for (int64_t k = 0; k < g.n; ++k) bf[k] = load_f32(br[k]);
+  } else {
+    for (int64_t k = 0; k < g.n; ++k) bf[k] = load_f32(b[first + k * g.inner]);
+  }
+}
+
+// fp32((r - 1) / (n - 1)) for r - 1 = 0..n-1, as della_keep_probability rounds it (the
+// rank converted to fp32, divided by fp32(n - 1)); 0.5 for a row of one element.
+std::vector<float> rank_norm_table(int64_t n) {
+  std::vector<float> t(static_cast<size_t>(n));
+  if (n == 1) {
+    t[0] = 0.5f;
+  } else {
+    const float denom = static_cast<float>(n - 1);
+    for (int64_t q = 0; q < n; ++q) t[q] = static_cast<float>(q) / denom;
+  }
+  return t;
+}
+
+// Pass 3 for della: the norms of each della model's delta and sparsified delta, per
+// chunk of rows (in double, row by row in element order), added in chunk order.
+template <typename T>
+void della_norm_pass(Plan& plan, const RowGeom& g, const std::vector<float>& rank_norm, const T* b,
+                     const std::vector<const T*>& ms) {
+  std::vector<int> which;
+  for (int i = 0; i < plan.nmodels; ++i)
+    if (plan.cfg[i].mode == kDella) which.push_back(i);
+  if (which.empty()) return;
+  const int64_t nc = g.nchunks;
+  const size_t nw = which.size();
+  std::vector<double> part(static_cast<size_t>(nc) * nw * 2, 0.0);
+  std::vector<DellaScratch> scratch(num_slots(nc));
+  int64_t unused;
+  for_chunks(nc, unused, [&](int64_t slot, int64_t c) {
+    DellaScratch& sc = scratch[slot];
+    sc.init(g.n, plan.nmodels, false);
+    const int64_t r_end = std::min(g.nrows, (c + 1) * g.rows_per_chunk);
+    std::vector<double> acc(nw * 2, 0.0);
+    for (int64_t r = c * g.rows_per_chunk; r < r_end; ++r) {
+      const int64_t first = g.first(r);
+      load_row(b, g, first, sc.bf.data());
+      for (size_t q = 0; q < nw; ++q) {
+        della_row(plan, g, rank_norm.data(), which[q], ms[which[q]], first, sc);
+        const float* d = sc.d.data();
+        const float* mk = sc.mk.data();
+        double a0 = acc[2 * q], a1 = acc[2 * q + 1];
+        if (plan.rescale == kL1) {
+          for (int64_t k = 0; k < g.n; ++k) { a0 += std::fabs(d[k]); a1 += std::fabs(mk[k]); }
+        } else if (plan.rescale == kL2) {
+          for (int64_t k = 0; k < g.n; ++k) {
+            a0 += double(d[k]) * double(d[k]);
+            a1 += double(mk[k]) * double(mk[k]);
+          }
+        } else {  // linf
+          for (int64_t k = 0; k < g.n; ++k) {
+            a0 = std::max(a0, double(std::fabs(d[k])));
+            a1 = std::max(a1, double(std::fabs(mk[k])));
+          }
+        }
+        acc[2 * q] = a0;
+        acc[2 * q + 1] = a1;
+      }
+    }
+    std::copy(acc.begin(), acc.end(), part.begin() + static_cast<size_t>(c) * nw * 2);
+  });
+  finish_norms(plan, which, part, nc);
+}
+
+// Pass 4 for della: per row, each model's weighted sparsified row x_i in model order,
+// then merge_pass's arithmetic (the same operations in the same order) on the row.
+// Without sign election the x_i are summed as they come (one row of scratch); with it
+// every model's row is kept until the signs are elected.
+template <typename T, typename O>
+void della_merge_pass(const Plan& plan, const RowGeom& g, const std::vector<float>& rank_norm,
+                      const MergeOpts& o, const T* b, const std::vector<const T*>& ms, O* out) {
+  const int64_t nc = g.nchunks, n = g.n;
+  const int N = plan.nmodels;
+  std::vector<DellaScratch> scratch(num_slots(nc));
+  int64_t unused;
+  for_chunks(nc, unused, [&](int64_t slot, int64_t c) {
+    DellaScratch& sc = scratch[slot];
+    sc.init(n, N, o.consensus);
+    const int64_t r_end = std::min(g.nrows, (c + 1) * g.rows_per_chunk);
+    for (int64_t r = c * g.rows_per_chunk; r < r_end; ++r) {
+      const int64_t first = g.first(r);
+      float* __restrict bf = sc.bf.data();
+      load_row(b, g, first, bf);
+      float* __restrict mixed = sc.acc.data();
+      for (int i = 0; i < N; ++i) {
+        const ModelCfg& cfg = plan.cfg[i];
+        della_row(plan, g, rank_norm.data(), i, ms[i], first, sc);
+        const float* __restrict mk = sc.mk.data();
+        float* __restrict x = o.consensus ? sc.xs.data() + static_cast<size_t>(i) * n : sc.d.data();
+        const float w = cfg.w;
+        if (cfg.scale) {
+          const float f = cfg.factor;
+          for (int64_t k = 0; k < n; ++k) x[k] = (mk[k] * f) * w;
+        } else {
+          for (int64_t k = 0; k < n; ++k) x[k] = mk[k] * w;
+        }
+        if (!o.consensus) {
+          if (i == 0) {
+            for (int64_t k = 0; k < n; ++k) mixed[k] = x[k];
+          } else {
+            for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] + x[k];
+          }
+        }
+      }
+      if (o.consensus) {
+        const float* __restrict xs = sc.xs.data();
+        float* __restrict votes = sc.d.data();
+        if (o.sign_count) {
+          for (int64_t k = 0; k < n; ++k) votes[k] = sign_of(xs[k]);
+          for (int i = 1; i < N; ++i) {
+            const float* __restrict x = xs + static_cast<size_t>(i) * n;
+            for (int64_t k = 0; k < n; ++k) votes[k] = votes[k] + sign_of(x[k]);
+          }
+        } else {
+          for (int64_t k = 0; k < n; ++k) votes[k] = xs[k];
+          for (int i = 1; i < N; ++i) {
+            const float* __restrict x = xs + static_cast<size_t>(i) * n;
+            for (int64_t k = 0; k < n; ++k) votes[k] = votes[k] + x[k];
+          }
+        }
+        for (int64_t k = 0; k < n; ++k) votes[k] = votes[k] >= 0.0f ? 1.0f : -1.0f;
+        if (o.normalize) {
+          float* __restrict div = sc.mk.data();
+          {
+            const float w = plan.cfg[0].w;
+            for (int64_t k = 0; k < n; ++k) {
+              const float keep = agrees(xs[k], votes[k]);
+              mixed[k] = xs[k] * keep;
+              div[k] = w * keep;
+            }
+          }
+          for (int i = 1; i < N; ++i) {
+            const float* __restrict x = xs + static_cast<size_t>(i) * n;
+            const float w = plan.cfg[i].w;
+            for (int64_t k = 0; k < n; ++k) {
+              const float keep = agrees(x[k], votes[k]);
+              mixed[k] = mixed[k] + x[k] * keep;
+              div[k] = div[k] + w * keep;
+            }
+          }
+          for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] / nonzero_or_one(div[k]);
+        } else {
+          for (int64_t k = 0; k < n; ++k) mixed[k] = xs[k] * agrees(xs[k], votes[k]);
+          for (int i = 1; i < N; ++i) {
+            const float* __restrict x = xs + static_cast<size_t>(i) * n;
+            for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] + x[k] * agrees(x[k], votes[k]);
+          }
+        }
+      } else if (o.normalize) {
+        for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] / o.divisor;
+      }
+      if (o.apply_lambda)
+        for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] * o.lambda;
+      if (g.inner == 1) {
+        O* __restrict o_ = out + first;
+        for (int64_t k = 0; k < n; ++k) o_[k] = store_from_f32<O>(bf[k] + mixed[k]);
+      } else {
+        for (int64_t k = 0; k < n; ++k) out[first + k * g.inner] = store_from_f32<O>(bf[k] + mixed[k]);
+      }
+    }
+  });
+}
+
 // ---- linear: a weighted average of the models (no base) ----------------------------
 
 // acc = fma(fp32(m_i), w_i, acc) from acc = +0 in model order (mergekit's addcmul_,
@@ -728,7 +1107,7 @@ void run(const at::Tensor& base, const std::vector<at::Tensor>& models, const st
   std::vector<const T*> ms;
   for (const at::Tensor& m : models) ms.push_back(static_cast<const T*>(m.data_ptr()));
 
-  enum Kind { kNoSparse, kMag, kRand, kOutliers } kind;
+  enum Kind { kNoSparse, kMag, kRand, kOutliers, kDellaRank } kind;
   bool consensus;
   if (method == "task_arithmetic") { kind = kNoSparse; consensus = false; }
   else if (method == "ties") { kind = kMag; consensus = true; }
@@ -736,6 +1115,8 @@ void run(const at::Tensor& base, const std::vector<at::Tensor>& models, const st
   else if (method == "dare_linear") { kind = kRand; consensus = false; }
   else if (method == "breadcrumbs") { kind = kOutliers; consensus = false; }
   else if (method == "breadcrumbs_ties") { kind = kOutliers; consensus = true; }
+  else if (method == "della") { kind = kDellaRank; consensus = true; }
+  else if (method == "della_linear") { kind = kDellaRank; consensus = false; }
   else throw ValueError("merge_sign_elect: unsupported method " + method);
 
   if (rescale.empty()) plan.rescale = kNone;
@@ -758,12 +1139,24 @@ void run(const at::Tensor& base, const std::vector<at::Tensor>& models, const st
       cfg.mode = kDense;
       continue;
     }
+    if (kind == kDellaRank && has_thr)
+      throw ValueError("della does not take thresholds (model " + std::to_string(i) + ")");
     if (!has_thr) {
       if (density >= 1) { cfg.mode = kDense; continue; }
       if (density <= 0) { cfg.mode = kZero; continue; }
     }
     if (kind == kRand) {
       cfg.mode = kRandom;
+    } else if (kind == kDellaRank) {
+      // della passes its epsilons in the gammas slot (della has no gamma).
+      const double epsilon = gammas[i];
+      if (!(0 < density - epsilon && density + epsilon < 1))
+        throw ValueError("della: epsilon=" + std::to_string(epsilon) +
+                         " must leave density +- epsilon inside (0, 1) (model " + std::to_string(i) +
+                         " has density=" + std::to_string(density) + ")");
+      cfg.mode = kDella;
+      cfg.low = static_cast<float>(density - epsilon);
+      cfg.width = static_cast<float>(2 * epsilon);
     } else {
       cfg.mode = kMagnitude;
       if (has_thr) {
@@ -789,8 +1182,18 @@ void run(const at::Tensor& base, const std::vector<at::Tensor>& models, const st
     if (plan.rescale == kDensity && density <= 0 && cfg.mode == kMagnitude)
       throw ValueError("rescale='density' needs density > 0 (model " + std::to_string(i) + ")");
   }
-  count_pass(plan, b, ms);
-  if (plan.rescale == kL1 || plan.rescale == kL2 || plan.rescale == kLinf) norm_pass(plan, b, ms);
+  const bool norm = plan.rescale == kL1 || plan.rescale == kL2 || plan.rescale == kLinf;
+  RowGeom geom;
+  std::vector<float> rank_norm;
+  if (kind == kDellaRank) {
+    if (base.dim() == 0) throw ValueError("della ranks along dim 1: base must have at least one dimension");
+    geom = row_geom(base);
+    rank_norm = rank_norm_table(geom.n);
+    if (norm) della_norm_pass(plan, geom, rank_norm, b, ms);
+  } else {
+    count_pass(plan, b, ms);
+    if (norm) norm_pass(plan, b, ms);
+  }
 
   MergeOpts o;
   o.consensus = consensus;
@@ -804,10 +1207,14 @@ void run(const at::Tensor& base, const std::vector<at::Tensor>& models, const st
 
   // Every check and pre-pass is done: the first write to out. Each element of
   // out is written after its inputs are read, so out may be base or a model.
+  auto pass = [&](auto* o_ptr) {
+    if (kind == kDellaRank) della_merge_pass(plan, geom, rank_norm, o, b, ms, o_ptr);
+    else merge_pass(plan, o, b, ms, o_ptr);
+  };
   switch (out.scalar_type()) {
-    case at::kFloat: merge_pass(plan, o, b, ms, static_cast<float*>(out.data_ptr())); break;
-    case at::kBFloat16: merge_pass(plan, o, b, ms, static_cast<bf16_t*>(out.data_ptr())); break;
-    default: merge_pass(plan, o, b, ms, static_cast<fp16_t*>(out.data_ptr())); break;
+    case at::kFloat: pass(static_cast<float*>(out.data_ptr())); break;
+    case at::kBFloat16: pass(static_cast<bf16_t*>(out.data_ptr())); break;
+    default: pass(static_cast<fp16_t*>(out.data_ptr())); break;
   }
 }
 

@@ -16,9 +16,13 @@ namespace deltaops {
 namespace cpu {
 
 // merge_tensors(base, models, method, ...) for method in task_arithmetic,
-// ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, with the
-// per-model options already resolved by the Python layer:
-//   weights, densities, gammas: one value per model;
+// ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
+// della_linear, with the per-model options already resolved by the Python layer:
+//   weights, densities, gammas: one value per model; for della and
+//     della_linear `gammas` holds the epsilons (della has no gamma), and
+//     0 < density - epsilon, density + epsilon < 1 is required where
+//     0 < density < 1 (ValueError otherwise); della takes no thresholds and
+//     base must have at least one dimension (ranks run along dim 1);
 //   rescale: "" (none), "l1", "l2", "linf" or "density";
 //   sign_method: "sum" or "count";
 //   thresholds: empty, or 4 ints per model: keep_key, keep_take, drop_key,

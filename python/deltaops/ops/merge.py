@@ -11,17 +11,20 @@ norms of a rescale), with no per-model temporaries of the tensor's size; the
 tensors under ``TRITON_INTERPRET=1``) and the ``cuda`` backend
 (``deltaops._C_cuda.merge_sign_elect``) run the same plan on the GPU.
 ``linear`` goes through ``torch.ops.deltaops.merge_linear`` (one fused pass
-on every backend: ``fma`` accumulation in model order). The
-other methods (della*, slerp, model_stock, sce) and the ``reference`` backend
-run the reference. With ``out=``, the same kernels write into the caller's
-tensor through the mutating ops ``merge_sign_elect_out_`` and
+on every backend: ``fma`` accumulation in model order). ``della`` and
+``della_linear`` run fused on the ``cpu`` backend only (each row's rank
+probabilities come from a radix sort of that row, per model, when the CPU
+kernel's della passes reach it); the triton and cuda backends run their
+reference. The other methods (slerp, model_stock, sce) and the ``reference``
+backend run the reference. With ``out=``, the same kernels write into the
+caller's tensor through the mutating ops ``merge_sign_elect_out_`` and
 ``merge_linear_out_`` (the allocating ops are those plus an allocation).
 
 Exactness: the kernels are bit-exact against the reference (and each other)
-except for ``rescale`` ``"l1"``/``"l2"`` (the default of dare_*): the reference
-takes the norms from torch's fp32 reductions, whose order is not pinned; the
-CPU kernel sums in double per fixed chunk, the GPU kernels in double per tile,
-so their scale factors (and results) agree within a few ulps.
+except for ``rescale`` ``"l1"``/``"l2"`` (the default of dare_* and della*):
+the reference takes the norms from torch's fp32 reductions, whose order is
+not pinned; the CPU kernel sums in double per fixed chunk, the GPU kernels in
+double per tile, so their scale factors (and results) agree within a few ulps.
 """
 
 from __future__ import annotations
@@ -37,10 +40,16 @@ from ..reference.merge import METHODS, topk_thresholds
 from . import _checks as check
 from ._registry import define
 
-__all__ = ["METHODS", "FUSED_METHODS", "merge_tensors", "topk_thresholds"]
+__all__ = ["METHODS", "FUSED_METHODS", "GPU_FUSED_METHODS", "merge_tensors", "topk_thresholds"]
 
 FUSED_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                 "breadcrumbs_ties")
+                 "breadcrumbs_ties", "della", "della_linear")
+# della's per-row ranks have a CPU kernel only: the triton and cuda backends run its
+# reference (see _use_fused). The op passes della's epsilons in the ``gammas`` slot
+# (della has no gamma), so the op's schema is the same for every method.
+DELLA_METHODS = ("della", "della_linear")
+# The methods of the triton and cuda kernels (deltaops::merge_sign_elect on the GPU).
+GPU_FUSED_METHODS = tuple(m for m in FUSED_METHODS if m not in DELLA_METHODS)
 # "linear" has its own kernel (deltaops::merge_linear): a weighted average, no base.
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -101,9 +110,10 @@ def _merge_sign_elect(base: Tensor, models: list[Tensor], method: str, weights: 
                       normalize: bool, rescale: str, sign_method: str, seed: int,
                       thresholds: list[int], out_dtype: str) -> Tensor:
     spec = ref.TASK_ARITHMETIC[method]
+    epsilons = list(gammas) if method in DELLA_METHODS else [0.15] * len(models)
     return ref.task_arithmetic_family(
         base, models, spec, weights=list(weights), densities=list(densities),
-        gammas=list(gammas), epsilons=[0.15] * len(models), lambda_=lambda_,
+        gammas=list(gammas), epsilons=epsilons, lambda_=lambda_,
         normalize=normalize, rescale=rescale or None, sign_method=sign_method, seed=seed,
         thresholds=decode_thresholds(list(thresholds), len(models), spec.sparsification),
         out_dtype=_DTYPES[out_dtype])
@@ -159,7 +169,7 @@ for _name, _reference in (("merge_sign_elect", _merge_sign_elect),
     backends.get("reference").table.setdefault(_name, _reference)
 
 
-def _use_fused(op: str) -> bool:
+def _use_fused(op: str, method: str = "", base: Optional[Tensor] = None) -> bool:
     """Whether ``merge_tensors`` calls the custom op ``op`` (else the reference directly).
 
     Every backend but the reference calls it; the op then resolves the backend
@@ -168,10 +178,19 @@ def _use_fused(op: str) -> bool:
     backend that cannot run here raises ``BackendUnavailableError`` (triton on
     CPU tensors needs ``TRITON_INTERPRET=1``). An explicit, usable backend
     without a kernel for ``op`` runs the reference.
+
+    della and della_linear have a kernel in the CPU backend only: they call the
+    op where it resolves to ``cpu`` (``auto`` on CPU tensors, or ``cpu``
+    chosen) and run the reference on every other backend. A 0-d tensor has no
+    dim 1 to rank along: the reference raises for it.
     """
     choice = backends.selected()
     if choice == "reference":
         return False
+    if method in DELLA_METHODS:
+        if base is None or base.dim() == 0:
+            return False
+        return choice == "cpu" or (choice == "auto" and base.device.type == "cpu")
     if choice == "auto":
         return True
     backend = backends.get(choice)
@@ -210,7 +229,7 @@ def merge_tensors(base: Tensor, models, method: str, *, weights=None, density=1.
     op = "merge_linear" if method == "linear" else "merge_sign_elect"
     if out is not None:
         op += "_out_"
-    if not fused or not isinstance(base, Tensor) or not _use_fused(op):
+    if not fused or not isinstance(base, Tensor) or not _use_fused(op, method, base):
         if out is None:
             return ref.merge_tensors(base, models, method, seed=seed, out_dtype=out_dtype, **given)
         models, out_dtype = ref.check_call(base, models, method, out_dtype, given)
@@ -238,12 +257,19 @@ def merge_tensors(base: Tensor, models, method: str, *, weights=None, density=1.
     flat = encode_thresholds(None if thresholds is None else options["thresholds"],
                              spec.sparsification)
     rescale, densities = options["rescale"], options["densities"]
+    gammas = options["gammas"]
+    if method in DELLA_METHODS:
+        gammas = options["epsilons"]
+        for i, (d, e) in enumerate(zip(densities, gammas)):
+            if 0 < d < 1 and not (0 < d - e and d + e < 1):  # as the reference's sparsify_delta
+                raise ValueError(f"della: epsilon={e} must leave density +- epsilon inside "
+                                 f"(0, 1) (model {i} has density={d})")
     if rescale == "density" and spec.sparsification is not None:
         for i, d in enumerate(densities):
             if d <= 0 and (thresholds is not None and options["thresholds"][i] is not None):
                 raise ValueError(f"rescale='density' needs density > 0 (model {i})")
     args = (base.contiguous(), models, method, [float(w) for w in options["weights"]],
-            [float(d) for d in densities], [float(g) for g in options["gammas"]],
+            [float(d) for d in densities], [float(g) for g in gammas],
             float(options["lambda_"]), bool(options["normalize"]), rescale or "",
             options["sign_method"], int(options["seed"]), flat)
     if out is not None:
