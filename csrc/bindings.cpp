@@ -66,7 +66,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lambda_"), py::arg("normalize"), py::arg("rescale"), py::arg("sign_method"),
         py::arg("seed"), py::arg("thresholds"), py::arg("out_dtype"), release(),
         "fused merge_tensors for task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, "
-        "breadcrumbs_ties (options resolved per model; see csrc/cpu/merge_cpu.h)");
+        "breadcrumbs_ties, della, della_linear (options resolved per model; della's epsilons in "
+        "gammas; see csrc/cpu/merge_cpu.h)");
   m.def("merge_sign_elect_out_", &dc::merge_sign_elect_out_, py::arg("base"), py::arg("models"),
         py::arg("method"), py::arg("weights"), py::arg("densities"), py::arg("gammas"),
         py::arg("lambda_"), py::arg("normalize"), py::arg("rescale"), py::arg("sign_method"),
