@@ -548,6 +548,55 @@ void dense_mix_block(const MergeOpts& o, const float* __restrict w, const T* con
   }
 }
 
+// The sign-elect mix of n elements from the weighted terms of every model (model
+// i's at xs + i * stride): votes in model order and the elected sign (a zero sum
+// elects +1), then the sum of the agreeing terms, divided by the sum of their
+// weights when normalizing. votes and div are scratch of n floats. Shared by the
+// block pass and della's row pass.
+inline void consensus_mix(const Plan& plan, const MergeOpts& o, const float* __restrict xs,
+                          size_t stride, int64_t n, float* __restrict votes, float* __restrict div,
+                          float* __restrict mixed) {
+  const int N = plan.nmodels;
+  if (o.sign_count) {
+    for (int64_t k = 0; k < n; ++k) votes[k] = sign_of(xs[k]);
+    for (int i = 1; i < N; ++i) {
+      const float* __restrict x = xs + i * stride;
+      for (int64_t k = 0; k < n; ++k) votes[k] = votes[k] + sign_of(x[k]);
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) votes[k] = xs[k];
+    for (int i = 1; i < N; ++i) {
+      const float* __restrict x = xs + i * stride;
+      for (int64_t k = 0; k < n; ++k) votes[k] = votes[k] + x[k];
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) votes[k] = votes[k] >= 0.0f ? 1.0f : -1.0f;
+  if (o.normalize) {
+    const float w0 = plan.cfg[0].w;
+    for (int64_t k = 0; k < n; ++k) {
+      const float keep = agrees(xs[k], votes[k]);
+      mixed[k] = xs[k] * keep;
+      div[k] = w0 * keep;
+    }
+    for (int i = 1; i < N; ++i) {
+      const float* __restrict x = xs + i * stride;
+      const float w = plan.cfg[i].w;
+      for (int64_t k = 0; k < n; ++k) {
+        const float keep = agrees(x[k], votes[k]);
+        mixed[k] = mixed[k] + x[k] * keep;
+        div[k] = div[k] + w * keep;
+      }
+    }
+    for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] / nonzero_or_one(div[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) mixed[k] = xs[k] * agrees(xs[k], votes[k]);
+    for (int i = 1; i < N; ++i) {
+      const float* __restrict x = xs + i * stride;
+      for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] + x[k] * agrees(x[k], votes[k]);
+    }
+  }
+}
+
 template <typename T, typename O>
 void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vector<const T*>& ms,
                 O* out) {
@@ -599,52 +648,8 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
       const float* __restrict xs = sc.x.data();
       O* __restrict o_ = out + j0;
       if (o.consensus) {
-        float* __restrict votes = sc.d.data();
         float* __restrict mixed = sc.masked.data();
-        // votes in model order, then the elected sign (a zero sum elects +1)
-        if (o.sign_count) {
-          for (int k = 0; k < len; ++k) votes[k] = sign_of(xs[k]);
-          for (int i = 1; i < N; ++i) {
-            const float* __restrict x = xs + i * kBlock;
-            for (int k = 0; k < len; ++k) votes[k] = votes[k] + sign_of(x[k]);
-          }
-        } else {
-          for (int k = 0; k < len; ++k) votes[k] = xs[k];
-          for (int i = 1; i < N; ++i) {
-            const float* __restrict x = xs + i * kBlock;
-            for (int k = 0; k < len; ++k) votes[k] = votes[k] + x[k];
-          }
-        }
-        for (int k = 0; k < len; ++k) votes[k] = votes[k] >= 0.0f ? 1.0f : -1.0f;
-        if (o.normalize) {
-          float* __restrict div = sc.div.data();
-          {
-            const float w = plan.cfg[0].w;
-            for (int k = 0; k < len; ++k) {
-              const float keep = agrees(xs[k], votes[k]);
-              mixed[k] = xs[k] * keep;
-              div[k] = w * keep;
-            }
-          }
-          for (int i = 1; i < N; ++i) {
-            const float* __restrict x = xs + i * kBlock;
-            const float w = plan.cfg[i].w;
-            for (int k = 0; k < len; ++k) {
-              const float keep = agrees(x[k], votes[k]);
-              mixed[k] = mixed[k] + x[k] * keep;
-              div[k] = div[k] + w * keep;
-            }
-          }
-          for (int k = 0; k < len; ++k) mixed[k] = mixed[k] / nonzero_or_one(div[k]);
-        } else {
-          for (int k = 0; k < len; ++k)
-            mixed[k] = xs[k] * agrees(xs[k], votes[k]);
-          for (int i = 1; i < N; ++i) {
-            const float* __restrict x = xs + i * kBlock;
-            for (int k = 0; k < len; ++k)
-              mixed[k] = mixed[k] + x[k] * agrees(x[k], votes[k]);
-          }
-        }
+        consensus_mix(plan, o, xs, kBlock, len, sc.d.data(), sc.div.data(), mixed);
         if (o.apply_lambda)
           for (int k = 0; k < len; ++k) mixed[k] = mixed[k] * o.lambda;
         for (int k = 0; k < len; ++k) mixed[k] = bf[k] + mixed[k];
@@ -971,57 +976,16 @@ void della_merge_pass(const Plan& plan, const RowGeom& g, const std::vector<floa
         }
       }
       if (o.consensus) {
-        const float* __restrict xs = sc.xs.data();
-        float* __restrict votes = sc.d.data();
-        if (o.sign_count) {
-          for (int64_t k = 0; k < n; ++k) votes[k] = sign_of(xs[k]);
-          for (int i = 1; i < N; ++i) {
-            const float* __restrict x = xs + static_cast<size_t>(i) * n;
-            for (int64_t k = 0; k < n; ++k) votes[k] = votes[k] + sign_of(x[k]);
-          }
-        } else {
-          for (int64_t k = 0; k < n; ++k) votes[k] = xs[k];
-          for (int i = 1; i < N; ++i) {
-            const float* __restrict x = xs + static_cast<size_t>(i) * n;
-            for (int64_t k = 0; k < n; ++k) votes[k] = votes[k] + x[k];
-          }
-        }
-        for (int64_t k = 0; k < n; ++k) votes[k] = votes[k] >= 0.0f ? 1.0f : -1.0f;
-        if (o.normalize) {
-          float* __restrict div = sc.mk.data();
-          {
-            const float w = plan.cfg[0].w;
-            for (int64_t k = 0; k < n; ++k) {
-              const float keep = agrees(xs[k], votes[k]);
-              mixed[k] = xs[k] * keep;
-              div[k] = w * keep;
-            }
-          }
-          for (int i = 1; i < N; ++i) {
-            const float* __restrict x = xs + static_cast<size_t>(i) * n;
-            const float w = plan.cfg[i].w;
-            for (int64_t k = 0; k < n; ++k) {
-              const float keep = agrees(x[k], votes[k]);
-              mixed[k] = mixed[k] + x[k] * keep;
-              div[k] = div[k] + w * keep;
-            }
-          }
-          for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] / nonzero_or_one(div[k]);
-        } else {
-          for (int64_t k = 0; k < n; ++k) mixed[k] = xs[k] * agrees(xs[k], votes[k]);
-          for (int i = 1; i < N; ++i) {
-            const float* __restrict x = xs + static_cast<size_t>(i) * n;
-            for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] + x[k] * agrees(x[k], votes[k]);
-          }
-        }
+        consensus_mix(plan, o, sc.xs.data(), static_cast<size_t>(n), n, sc.d.data(), sc.mk.data(),
+                      mixed);
       } else if (o.normalize) {
         for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] / o.divisor;
       }
       if (o.apply_lambda)
         for (int64_t k = 0; k < n; ++k) mixed[k] = mixed[k] * o.lambda;
       if (g.inner == 1) {
-        O* __restrict o_ = out + first;
-        for (int64_t k = 0; k < n; ++k) o_[k] = store_from_f32<O>(bf[k] + mixed[k]);
+        for (int64_t k = 0; k < n; ++k) mixed[k] = bf[k] + mixed[k];
+        from_f32_block(mixed, out + first, n);
       } else {
         for (int64_t k = 0; k < n; ++k) out[first + k * g.inner] = store_from_f32<O>(bf[k] + mixed[k]);
       }
