@@ -24,6 +24,23 @@ def cpu_backends() -> list[str]:
     return names
 
 
+def cpu_kernel_tables() -> list[str]:
+    """The C++ kernel tables this CPU runs: "avx2" always, "avx512" where supported
+    (deltaops._C._set_isa picks one; tests run each)."""
+    try:
+        import deltaops._C as C
+    except ImportError:
+        return []
+    names = ["avx2"]
+    try:
+        C._set_isa("avx512")
+        names.append("avx512")
+    except ValueError:
+        pass
+    C._set_isa("auto")
+    return names
+
+
 def required_backends() -> list[str]:
     """Backends the suite insists on (DELTAOPS_REQUIRE=cpu,triton in CI)."""
     return [b for b in os.environ.get("DELTAOPS_REQUIRE", "").split(",") if b]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deltaops.reference import sparse as R
+from backend_harness import cpu_kernel_tables
 from tolerances import assert_bitwise_equal
 
 C = pytest.importorskip("deltaops._C")
@@ -18,18 +19,7 @@ SIZES = (0, 1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 1000, 4099
          2 * 65536 + 1021)
 
 
-def _isas():
-    names = ["avx2"]
-    try:
-        C._set_isa("avx512")
-        names.append("avx512")
-    except ValueError:
-        pass
-    C._set_isa("auto")
-    return names
-
-
-@pytest.fixture(params=[(isa, nt) for isa in _isas() for nt in (1, 2)],
+@pytest.fixture(params=[(isa, nt) for isa in cpu_kernel_tables() for nt in (1, 2)],
                 ids=lambda p: f"{p[0]}-t{p[1]}")
 def env(request):
     isa, threads = request.param

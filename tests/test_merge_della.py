@@ -30,31 +30,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SEED = 4321
 
 
-@pytest.fixture(autouse=True)
-def _cpu_backend():
-    skip_unless_usable("cpu")
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
-def inputs(shape, n, dtype, *, seed=0, scale=0.02):
-    """|base| in [1, 2); deltas ~ scale, some exactly zero, some repeated (equal ranks)."""
-    g = torch.Generator().manual_seed(seed)
-    sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
-    base = (sign * (1 + torch.rand(shape, generator=g))).to(dtype)
-    models = []
-    for _ in range(n):
-        d = torch.randn(shape, generator=g) * scale
-        d = torch.where(torch.rand(shape, generator=g) < 0.1, 0.0, d)
-        d = torch.where(torch.rand(shape, generator=g) < 0.1, scale, d)
-        models.append((base.float() + d).to(dtype))
-    return base, models
+# the CPU fixtures (autouse cpu skip, 1 and 2 threads) and the inputs of the other
+# fused methods: |base| in [1, 2), deltas ~ scale, some exactly zero, some equal
+from test_merge_kernels import _cpu_backend, inputs, threads  # noqa: E402,F401
 
 
 def check(base, models, method, what, **options):

@@ -21,7 +21,7 @@ import deltaops
 from deltaops.ops import quant as qops
 from deltaops.reference import quant as ref
 
-from backend_harness import skip_unless_usable
+from backend_harness import cpu_kernel_tables, skip_unless_usable
 from tolerances import assert_bitwise_equal
 
 C = pytest.importorskip("deltaops._C")
@@ -29,18 +29,7 @@ C = pytest.importorskip("deltaops._C")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _isas():
-    names = ["avx2"]
-    try:
-        C._set_isa("avx512")
-        names.append("avx512")
-    except ValueError:
-        pass
-    C._set_isa("auto")
-    return names
-
-
-@pytest.fixture(params=_isas())
+@pytest.fixture(params=cpu_kernel_tables())
 def isa(request):
     """The kernel table under test; the test itself runs on one thread (the
     reference too), and on_cpu runs each kernel call with 1 and 2 threads."""

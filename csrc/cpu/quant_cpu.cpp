@@ -263,6 +263,16 @@ struct AbsBins {
 
 constexpr int64_t kSumBlock = 1 << 14;  // elements summed in one 64-bit lane set (< 2^62)
 
+// Adds |x[0, n)| into bins one element at a time (each to its exponent's bin).
+template <typename T>
+void add_abs_each(const T* x, int64_t n, AbsBins& bins) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
+    const uint32_t ex = u >> 23;
+    bins.add(static_cast<int>(ex), (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
+  }
+}
+
 // Adds |x[b, e)| into bins; false if a value is NaN or inf. Fast path, per
 // block: with E the block's largest exponent, every element with exponent
 // >= E - 24 adds m << (e - (E - 24)) (< 2^48) into one integer sum (a
@@ -278,11 +288,7 @@ bool add_abs_bins(const T* __restrict x, int64_t b, int64_t e, AbsBins& bins) {
     const int32_t top = static_cast<int32_t>(worst >> 23);
     const int32_t base = top - 24;
     if (base < 1) {  // tiny values only: bin by bin
-      for (int64_t i = blk; i < end; ++i) {
-        const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
-        const uint32_t ex = u >> 23;
-        bins.add(static_cast<int>(ex), (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
-      }
+      add_abs_each(x + blk, end - blk, bins);
       continue;
     }
     uint64_t sum = 0;
@@ -618,11 +624,7 @@ DQ_AVX512 bool abs_block_bf16(const bf16_t* x, int64_t n, AbsBins* bins, uint8_t
   if (!bins) return true;
   const int32_t base = static_cast<int32_t>(top_bits >> 7) - 24;
   if (base < 1) {  // tiny values only: bin by bin (as add_abs_bins)
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
-      const uint32_t ex = u >> 23;
-      bins->add(static_cast<int>(ex), (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
-    }
+    add_abs_each(x, n, *bins);
     return true;
   }
   const uint32_t least_bits = _mm512_reduce_min_epu32(_mm512_min_epu32(_mm512_srli_epi32(least, 16),
@@ -695,11 +697,7 @@ DQ_AVX512 bool abs_block(const T* x, int64_t n, AbsBins* bins, uint8_t* codes) {
   const uint32_t least_bits = _mm512_reduce_min_epu32(least);
   const int32_t base = static_cast<int32_t>(top_bits >> 23) - 24;
   if (base < 1) {  // tiny values only: bin by bin (as add_abs_bins)
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
-      const uint32_t ex = u >> 23;
-      bins->add(static_cast<int>(ex), (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
-    }
+    add_abs_each(x, n, *bins);
     return true;
   }
   // m << (e - base) in 64-bit lanes, even and odd elements apart (the low and
