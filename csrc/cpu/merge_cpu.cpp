@@ -459,6 +459,28 @@ void finish_norms(Plan& plan, const std::vector<int>& which, const std::vector<d
   }
 }
 
+// Adds the norm of the delta d[0, n) into acc[0] and of its sparsified form
+// mk[0, n) into acc[1] (l1, l2 squared: double sums in element order; linf: max).
+inline void accumulate_norms(Rescale rescale, const float* __restrict d, const float* __restrict mk,
+                             int64_t n, double* acc) {
+  double a0 = acc[0], a1 = acc[1];
+  if (rescale == kL1) {
+    for (int64_t k = 0; k < n; ++k) { a0 += std::fabs(d[k]); a1 += std::fabs(mk[k]); }
+  } else if (rescale == kL2) {
+    for (int64_t k = 0; k < n; ++k) {
+      a0 += double(d[k]) * double(d[k]);
+      a1 += double(mk[k]) * double(mk[k]);
+    }
+  } else {  // linf
+    for (int64_t k = 0; k < n; ++k) {
+      a0 = std::max(a0, double(std::fabs(d[k])));
+      a1 = std::max(a1, double(std::fabs(mk[k])));
+    }
+  }
+  acc[0] = a0;
+  acc[1] = a1;
+}
+
 template <typename T>
 void norm_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
   std::vector<int> which;
@@ -484,22 +506,7 @@ void norm_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
         sparsify_block(plan, which[q], ms[which[q]], j0, len, sc, true);
         const float* d = sc.d.data();
         const float* mk = sc.masked.data();
-        double a0 = acc[2 * q], a1 = acc[2 * q + 1];
-        if (plan.rescale == kL1) {
-          for (int k = 0; k < len; ++k) { a0 += std::fabs(d[k]); a1 += std::fabs(mk[k]); }
-        } else if (plan.rescale == kL2) {
-          for (int k = 0; k < len; ++k) {
-            a0 += double(d[k]) * double(d[k]);
-            a1 += double(mk[k]) * double(mk[k]);
-          }
-        } else {  // linf
-          for (int k = 0; k < len; ++k) {
-            a0 = std::max(a0, double(std::fabs(d[k])));
-            a1 = std::max(a1, double(std::fabs(mk[k])));
-          }
-        }
-        acc[2 * q] = a0;
-        acc[2 * q + 1] = a1;
+        accumulate_norms(plan.rescale, d, mk, len, &acc[2 * q]);
       }
     }
     std::copy(acc.begin(), acc.end(), part.begin() + static_cast<size_t>(c) * nw * 2);
@@ -912,22 +919,7 @@ void della_norm_pass(Plan& plan, const RowGeom& g, const std::vector<float>& ran
         della_row(plan, g, rank_norm.data(), which[q], ms[which[q]], first, sc);
         const float* d = sc.d.data();
         const float* mk = sc.mk.data();
-        double a0 = acc[2 * q], a1 = acc[2 * q + 1];
-        if (plan.rescale == kL1) {
-          for (int64_t k = 0; k < g.n; ++k) { a0 += std::fabs(d[k]); a1 += std::fabs(mk[k]); }
-        } else if (plan.rescale == kL2) {
-          for (int64_t k = 0; k < g.n; ++k) {
-            a0 += double(d[k]) * double(d[k]);
-            a1 += double(mk[k]) * double(mk[k]);
-          }
-        } else {  // linf
-          for (int64_t k = 0; k < g.n; ++k) {
-            a0 = std::max(a0, double(std::fabs(d[k])));
-            a1 = std::max(a1, double(std::fabs(mk[k])));
-          }
-        }
-        acc[2 * q] = a0;
-        acc[2 * q + 1] = a1;
+        accumulate_norms(plan.rescale, d, mk, g.n, &acc[2 * q]);
       }
     }
     std::copy(acc.begin(), acc.end(), part.begin() + static_cast<size_t>(c) * nw * 2);
