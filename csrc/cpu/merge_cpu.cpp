@@ -48,6 +48,7 @@
 
 #include "deltaops/bits.h"
 #include "deltaops/merge.h"  // delta_key, sign_of, agrees, nonzero_or_one, masked_delta, ...
+#include "deltaops/merge_args.h"  // the entry points' option and overlap checks
 #include "deltaops/merge_select.h"  // top-k thresholds from the delta-key histograms
 #include "deltaops/philox.h"  // philox_word, uniform_from_word (della on strided rows)
 #include "f16_blocks.h"
@@ -1187,15 +1188,10 @@ void check_out(const at::Tensor& out, const at::Tensor& like, const std::vector<
   check_cpu(out, "out");
   if (!out.sizes().equals(like.sizes()))
     throw ValueError("out has shape " + c10::str(out.sizes()) + ", expected " + c10::str(like.sizes()));
-  const auto* o = static_cast<const char*>(out.data_ptr());
-  const auto o_bytes = static_cast<int64_t>(out.nbytes());
-  for (const at::Tensor& t : inputs) {
-    const auto* p = static_cast<const char*>(t.data_ptr());
-    const bool disjoint = o + o_bytes <= p || p + static_cast<int64_t>(t.nbytes()) <= o;
-    const bool same = p == o && t.scalar_type() == out.scalar_type();
-    if (!disjoint && !same)
-      throw ValueError("out partially overlaps an input; it may only be an input itself");
-  }
+  for (const at::Tensor& t : inputs)
+    if (merge_args::partial_overlap(out.data_ptr(), out.nbytes(), t.data_ptr(), t.nbytes(),
+                                    t.scalar_type() == out.scalar_type()))
+      throw ValueError(merge_args::kPartialOverlap);
 }
 
 }  // namespace
@@ -1207,15 +1203,9 @@ void merge_sign_elect_out_(const at::Tensor& base, const std::vector<at::Tensor>
                            const std::string& sign_method, int64_t seed,
                            const std::vector<int64_t>& thresholds, at::Tensor& out) {
   check_cpu(base, "base");
-  const size_t n = models.size();
-  if (n == 0) throw ValueError("models must hold at least one tensor");
-  if (weights.size() != n || densities.size() != n || gammas.size() != n)
-    throw ValueError("merge_sign_elect: one weight, density and gamma per model");
-  if (!thresholds.empty() && thresholds.size() != 4 * n)
-    throw ValueError("merge_sign_elect: thresholds must hold 4 ints per model");
-  if (sign_method != "sum" && sign_method != "count")
-    throw ValueError("sign_method must be 'sum' or 'count'; got '" + sign_method + "'");
-  if (seed < 0) throw ValueError("seed must be in [0, 2**63)");
+  const std::string bad = merge_args::options_error(models.size(), weights.size(), densities.size(),
+                                                    gammas.size(), thresholds.size(), sign_method, seed);
+  if (!bad.empty()) throw ValueError(bad);
   for (const at::Tensor& m : models) {
     check_pair(base, m);
     if (!m.sizes().equals(base.sizes())) throw ValueError("models must have base's shape");

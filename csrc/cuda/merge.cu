@@ -44,6 +44,7 @@
 
 #include "common.cuh"
 #include "deltaops/merge.h"
+#include "deltaops/merge_args.h"  // the entry points' option and overlap checks (host)
 #include "deltaops/merge_select.h"  // top-k thresholds from the delta-key histograms (host)
 #include "merge_cuda.cuh"
 
@@ -534,16 +535,12 @@ void check_out(const at::Tensor& out, const at::Tensor& base, const std::vector<
   check_same_device(base, out, op);
   if (!supported(out.scalar_type())) throw TypeError("out must be float32, bfloat16 or float16");
   if (!out.sizes().equals(base.sizes())) throw ValueError("out must have the inputs' shape");
-  const auto* o = static_cast<const char*>(out.const_data_ptr());
-  const auto o_bytes = static_cast<int64_t>(out.nbytes());
   std::vector<at::Tensor> inputs(models);
   inputs.push_back(base);
-  for (const at::Tensor& t : inputs) {
-    const auto* p = static_cast<const char*>(t.const_data_ptr());
-    const bool disjoint = o + o_bytes <= p || p + static_cast<int64_t>(t.nbytes()) <= o;
-    if (!disjoint && !(p == o && t.scalar_type() == out.scalar_type()))
-      throw ValueError("out partially overlaps an input; it may only be an input itself");
-  }
+  for (const at::Tensor& t : inputs)
+    if (merge_args::partial_overlap(out.const_data_ptr(), out.nbytes(), t.const_data_ptr(), t.nbytes(),
+                                    t.scalar_type() == out.scalar_type()))
+      throw ValueError(merge_args::kPartialOverlap);
 }
 
 template <typename T>
@@ -716,15 +713,9 @@ void merge_sign_elect_out_(const at::Tensor& base, const std::vector<at::Tensor>
   const char* op = "merge_sign_elect";
   check_input(base, op, "base");
   if (!supported(base.scalar_type())) throw TypeError("base must be float32, bfloat16 or float16");
-  const size_t n = models.size();
-  if (n == 0) throw ValueError("models must hold at least one tensor");
-  if (weights.size() != n || densities.size() != n || gammas.size() != n)
-    throw ValueError("merge_sign_elect: one weight, density and gamma per model");
-  if (!thresholds.empty() && thresholds.size() != 4 * n)
-    throw ValueError("merge_sign_elect: thresholds must hold 4 ints per model");
-  if (sign_method != "sum" && sign_method != "count")
-    throw ValueError("sign_method must be 'sum' or 'count'; got '" + sign_method + "'");
-  if (seed < 0) throw ValueError("seed must be in [0, 2**63)");
+  const std::string bad = merge_args::options_error(models.size(), weights.size(), densities.size(),
+                                                    gammas.size(), thresholds.size(), sign_method, seed);
+  if (!bad.empty()) throw ValueError(bad);
   for (const at::Tensor& m : models) {
     check_pair(base, m, op);
     if (!m.sizes().equals(base.sizes())) throw ValueError("models must have base's shape");
