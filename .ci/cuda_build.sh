@@ -132,7 +132,7 @@ expected = ["radix_histogram", "threshold_mask", "topk_mask", "philox_uniform_li
             "merge_delta_histogram", "merge_delta_topk",
             "lora_merge_", "lora_shrink", "lora_expand",
             "pack_bits", "unpack_bits", "quantize_sign", "quantize_ternary_absmean",
-            "quantize_uniform", "compeft_pack", "apply_quantized_", "delta_bmm"]
+            "quantize_uniform", "compeft_pack", "compeft_quantize", "apply_quantized_", "delta_bmm"]
 missing = [name for name in expected if not callable(getattr(module, name, None))]
 if missing:
     raise SystemExit(f"cuda_build: FAILED: deltaops._C_cuda lacks {missing}")

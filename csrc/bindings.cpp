@@ -113,6 +113,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "uniform group quantization: (packed codes, fp32 scales, uint8 zeros)");
   m.def("compeft_pack", &dc::compeft_pack, py::arg("x"), py::arg("keep"), release(),
         "ComPEFT's packed 2-bit codes: sign(x) + 1 where keep, 1 elsewhere");
+  m.def("compeft_quantize", &dc::compeft_quantize, py::arg("x"), py::arg("k"), release(),
+        "ComPEFT: (packed codes of the top k magnitudes, fp64 moments [sum x, sum x^2, h])");
   m.def("apply_quantized_", &dc::apply_quantized_, py::arg("weight"), py::arg("packed"),
         py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"),
         py::arg("alpha"), release(), "in place weight += alpha * dequantized codes (one rounding)");

@@ -232,6 +232,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "ComPEFT's packed 2-bit codes: sign(x) + 1 where keep, 1 elsewhere", py::arg("x"), py::arg("keep"),
       release());
   m.def(
+      "compeft_quantize",
+      [](const at::Tensor& x, int64_t k) { return value_errors([&] { return dc::compeft_quantize(x, k); }); },
+      "ComPEFT's packed codes of the top k magnitudes and fp64 moments [sum x, sum x^2, h]", py::arg("x"),
+      py::arg("k"), release());
+  m.def(
       "quantize_sign",
       [](const at::Tensor& x, bool per_row) { return value_errors([&] { return dc::quantize_sign(x, per_row); }); },
       "BitDelta sign bits and exact-mean scales", py::arg("x"), py::arg("per_row"), release());

@@ -24,6 +24,7 @@ def op_samples():
     yield "quantize_ternary_absmean", (x, )
     yield "quantize_uniform", (x, 4, 8, False)
     yield "compeft_pack", (x, torch.rand(9, 21) < 0.3)
+    yield "compeft_quantize", (x, 50)
     yield "apply_quantized_", (weight, u.packed, u.scales, u.zeros, 3, 8, 0.5)
     yield "apply_quantized_", (weight, s.packed, s.scales, s.zeros, 1, 21, 1.0)
     yield "apply_quantized_", (weight, t.packed, t.scales, t.zeros, 2, 21, -1.0)

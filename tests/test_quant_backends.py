@@ -4,6 +4,8 @@ and applied weights bit for bit; delta_bmm within a stated bound.
 Triton runs under TRITON_INTERPRET=1 on small shapes (the conftest sets it).
 """
 
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -66,6 +68,39 @@ def test_compeft_pack(backend, dtype, shape):
         qops.compeft_pack_op(x, keep.reshape(-1)[: max(x.numel() - 1, 0)])
 
 
+def assert_moments_within_their_bound(x, moments):
+    """compeft_quantize's contract, checked in exact arithmetic: with h = moments[2]
+    and g = h u / (1 - h u), |s1 - sum x| <= g sum |x| and |s2 - sum x^2| <= g sum x^2."""
+    s1, s2, h = moments.tolist()
+    assert h == int(h) and 0 <= h < 2 ** 40
+    g = Fraction(int(h), 2 ** 53) / (1 - Fraction(int(h), 2 ** 53))
+    i1, i2 = ref.exact_moment_sums(x)
+    abs_sum, _ = ref.exact_moment_sums(x.abs())
+    assert abs(Fraction(s1) - Fraction(i1, 2 ** 149)) <= g * Fraction(abs_sum, 2 ** 149)
+    assert abs(Fraction(s2) - Fraction(i2, 2 ** 298)) <= g * Fraction(i2, 2 ** 298)
+
+
+@KERNEL_BACKENDS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_compeft_quantize(backend, dtype, shape):
+    """ComPEFT's fused op: the codes of the top k bit for bit (zeros of both signs kept
+    and dropped, every k from none to all), fp64 moments within their stated bound,
+    and the scale they lead to equal to the exact one."""
+    skip_unless_usable(backend)
+    x = sample(shape, dtype)
+    n = x.numel()
+    for k in sorted({0, 1, n // 3, max(n - 1, 0), n}):
+        packed, moments = run_on(backend, qops.compeft_quantize_op, x, k)
+        assert_bitwise_equal(packed, ref.compeft_pack(x, ref.topk_mask(x, k)), f"k={k}")
+        assert_moments_within_their_bound(x, moments)
+        assert_bitwise_equal(ref.compeft_scale_from_moments(x, moments, 0.5), ref.compeft_scale(x, 0.5))
+    with deltaops.use_backend(backend), pytest.raises(ValueError, match="NaN or inf .*flat index"):
+        y = x.clone()
+        y.view(-1)[-1] = float("nan")
+        qops.compeft_quantize_op(y, n // 2)
+
+
 @KERNEL_BACKENDS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -122,7 +157,8 @@ def test_quantizers_reject_nan_and_inf(backend, bad):
     with deltaops.use_backend(backend):
         for call in (lambda: qops.quantize_sign_op(x, False), lambda: qops.quantize_sign_op(x, True),
                      lambda: qops.quantize_ternary_absmean_op(x),
-                     lambda: qops.quantize_uniform_op(x, 4, 4, False)):
+                     lambda: qops.quantize_uniform_op(x, 4, 4, False),
+                     lambda: qops.compeft_quantize_op(x, 7)):
             with pytest.raises(ValueError, match="NaN or inf .*flat index 31"):
                 call()
 
@@ -182,10 +218,12 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
             with deltaops.use_backend("cpu"):
                 s = deltaops.quantize_sign(x, granularity="row")
                 t = deltaops.quantize_ternary(x)
+                c = deltaops.quantize_ternary(x, method="compeft", density=0.3)
                 u = deltaops.quantize_uniform(x, 3, group_size=100)
                 w = torch.ones(96, 1000).bfloat16()
                 u.apply_(w, 0.5)
-            results.append([s.packed, s.scales, t.packed, t.scales, u.packed, u.scales, w])
+            results.append([s.packed, s.scales, t.packed, t.scales, c.packed, c.scales, u.packed, u.scales,
+                            w])
     finally:
         torch.set_num_threads(old)
     for other in results[1:]:

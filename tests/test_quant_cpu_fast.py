@@ -270,8 +270,6 @@ def test_fast_paths_do_not_depend_on_the_thread_count():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_compeft_codes_match_the_reference(dtype):
-    # ops/quant.py composes ComPEFT's codes from torch ops (sign in int8, in place) and checks
-    # finiteness with one min/max reduction: same codes, scale and errors as the reference.
     x = sample((33, 129), dtype, seed=4)
     x.view(-1)[10:20] = 0.0
     x.view(-1)[20:25] = -0.0
@@ -286,3 +284,43 @@ def test_compeft_codes_match_the_reference(dtype):
         y[32, 100] = bad
         with pytest.raises(ValueError, match="NaN or inf .*flat index 4228"):
             deltaops.quantize_ternary(y, method="compeft", density=0.2)
+
+
+def compeft_cases(dtype):
+    """Tensors above the size where the CPU kernel picks its band of keys from a
+    sample (2^17 elements), one per path of that kernel."""
+    n = 300_007  # 5 chunks of 2^16, the last partial; not a multiple of 4 (a partial byte)
+    g = torch.Generator().manual_seed(11)
+    normal = (torch.randn(n, generator=g) * 1e-3).to(dtype)
+    yield "normal", normal
+    # few distinct magnitudes: most of each chunk in the band, so chunks are rewritten from x
+    yield "heavy ties", (torch.randint(-3, 4, (n,), generator=g) * 0.25).to(dtype)
+    # the sampled elements (index j * n // 2^16) unlike the rest: the band misses the
+    # threshold and the kernel falls back to the full top-k
+    misleading = (torch.randn(n, generator=g) * 1e-3).to(dtype)
+    misleading[torch.arange(65536) * n // 65536] = 1e-7
+    yield "sample misses", misleading
+    # rows of very different scales (the real-shaped delta of bench/quant.py in small)
+    rows = torch.randn(300, 1001, generator=g) * torch.exp(torch.rand(300, 1, generator=g) * 2.3) * 1e-4
+    yield "row scales", rows.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compeft_quantize_on_large_tensors(isa, dtype):
+    """The CPU kernel's paths for 16-bit types (sampled band, codes fixed up after the
+    threshold is known, chunks rewritten, full top-k when the band misses) and the
+    portable one: codes bit for bit against the reference, 1 and 2 threads alike,
+    the scale exact."""
+    for name, x in compeft_cases(dtype):
+        n = x.numel()
+        for k in (1, n // 10, n // 2, n - 1, n):
+            packed, moments = on_cpu(qops.compeft_quantize_op, x, k)
+            assert_bitwise_equal(packed, ref.compeft_pack(x, ref.topk_mask(x, k)), f"{name} k={k}")
+            assert_bitwise_equal(ref.compeft_scale_from_moments(x, moments, 1.0), ref.compeft_scale(x, 1.0),
+                                 f"{name} scale")
+    x = next(compeft_cases(dtype))[1].clone()
+    x[200_000] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf .*flat index 200000"):
+        on_cpu(qops.compeft_quantize_op, x, 100)
+    with deltaops.use_backend("cpu"), pytest.raises(ValueError, match=r"k must be in \[0, 300007\]"):
+        qops.compeft_quantize_op(x, 300_008)

@@ -6,6 +6,8 @@ mistake in the vectorized reference shows up as a mismatch.
 """
 
 import math
+import random
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -183,11 +185,96 @@ def test_compeft_codes_and_scale():
     keep = topk_mask(x, int(density * x.numel()))
     expected = torch.where(keep, torch.sign(x.float()).to(torch.int64) + 1, 1).to(torch.uint8)
     assert_bitwise_equal(delta.codes(), expected)
+    # ComPEFT's scale: alpha * std of the unpruned delta, Bessel-corrected (torch.std)
     assert delta.scales.item() == float(np.float32(np.float32(2.0) * np.float32(x.double().std().item())))
     with pytest.raises(ValueError, match="needs density"):
         deltaops.quantize_ternary(x, method="compeft")
     with pytest.raises(ValueError, match="density applies"):
         deltaops.quantize_ternary(x, density=0.5)
+
+
+# ---- ComPEFT's exact standard deviation ---------------------------------------------------
+
+
+def _fp32_neighbours(value: float) -> tuple[Fraction, Fraction]:
+    below = np.nextafter(np.float32(value), np.float32(0))
+    above = np.nextafter(np.float32(value), np.float32(np.inf))
+    return Fraction(float(below)), Fraction(float(above))
+
+
+def assert_nearest_fp32_sqrt(value: float, num: int, den: int):
+    """value is the fp32 nearest sqrt(num / den): its square root lies between the
+    midpoints to its neighbours (checked on squares, exactly)."""
+    assert float(np.float32(value)) == value
+    target = Fraction(num, den)
+    below, above = _fp32_neighbours(value)
+    here = Fraction(value)
+    assert ((below + here) / 2) ** 2 <= target <= ((here + above) / 2) ** 2, (num, den, value)
+
+
+def test_round_sqrt_to_fp32_is_correctly_rounded():
+    rng = random.Random(7)
+    for _ in range(3000):
+        num = rng.getrandbits(rng.randint(1, 320)) << rng.randint(0, 8)
+        den = rng.getrandbits(rng.randint(1, 320)) or 1
+        value = ref.round_sqrt_to_fp32(num, den)
+        if value == math.inf:
+            assert Fraction(num, den) >= Fraction(2 ** 128 - 2 ** 103) ** 2
+        elif value == 0.0:
+            assert Fraction(num, den) <= Fraction(1, 2 ** 300)
+        else:
+            assert_nearest_fp32_sqrt(value, num, den)
+    # exact squares, subnormal results and the ties between subnormals
+    assert ref.round_sqrt_to_fp32(9, 4) == 1.5
+    assert ref.round_sqrt_to_fp32(1, 2 ** 298) == 2.0 ** -149  # the smallest subnormal
+    assert ref.round_sqrt_to_fp32(1, 2 ** 300) == 0.0  # 2^-150: a tie, to even (zero)
+    assert ref.round_sqrt_to_fp32(9, 2 ** 302) == 2.0 ** -149  # 1.5 * 2^-150 rounds up
+    assert ref.round_sqrt_to_fp32(1, 2 ** 200) == 2.0 ** -100
+    assert ref.round_sqrt_to_fp32(2 ** 256, 1) == math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_exact_std_is_torch_std_rounded_to_fp32(dtype):
+    """On ordinary data torch's fp64 std, rounded to fp32, is the exact value's nearest fp32."""
+    g = torch.Generator().manual_seed(3)
+    for n, scale, offset in ((2, 1.0, 0.0), (17, 1e-3, 0.0), (1000, 1.0, 3.0), (4099, 1e-2, -1e-2)):
+        x = (torch.randn(n, generator=g) * scale + offset).to(dtype)
+        assert ref.exact_std(x) == float(x.double().std().float())
+    assert ref.exact_std(torch.ones(1, dtype=dtype)) == 0.0
+    assert ref.exact_std(torch.full((5,), 3.0, dtype=dtype)) == 0.0
+
+
+def test_exact_std_against_rational_arithmetic():
+    """The definition itself: sqrt((n sum x^2 - (sum x)^2) / (n (n - 1))) over the exact
+    values, rounded once; values spanning subnormals to 1e30 and a large mean."""
+    cases = [
+        torch.tensor([1e30, -1e30, 1.0, 2.0 ** -140, 3.5]),
+        torch.tensor([2.0 ** -149, 0.0, 2.0 ** -148]),
+        torch.tensor([1e8 + 1, 1e8 - 1, 1e8, 1e8 + 3]),
+        torch.randn(300, generator=torch.Generator().manual_seed(5)) * 1e-20 + 7.0,
+    ]
+    for x in cases:
+        values = [Fraction(v) for v in x.double().tolist()]
+        n = len(values)
+        num = n * sum(v * v for v in values) - sum(values) ** 2
+        var = num / (n * (n - 1))
+        assert_nearest_fp32_sqrt(ref.exact_std(x), var.numerator, var.denominator)
+
+
+def test_std_from_moments_is_exact_or_undecided():
+    x = (torch.randn(50_000, generator=torch.Generator().manual_seed(9)) * 1e-3).bfloat16()
+    exact = ref.exact_std(x)
+    moments = ref.fp64_moments(x)
+    assert ref.std_from_moments(x.numel(), *moments.tolist()) == exact
+    # a bound too loose to decide, or inconsistent input: no answer rather than a wrong one
+    s1, s2, _ = moments.tolist()
+    assert ref.std_from_moments(x.numel(), s1, s2, 2.0 ** 52) is None
+    assert ref.std_from_moments(x.numel(), s1, float("nan"), 10.0) is None
+    # a mean far above the spread: fp64's one-pass moments cancel, the interval is wide
+    shifted = (torch.randn(4096, generator=torch.Generator().manual_seed(2)) + 3e6).float()
+    moments = ref.fp64_moments(shifted)
+    assert ref.std_from_moments(shifted.numel(), *moments.tolist()) is None
+    assert_bitwise_equal(ref.compeft_scale_from_moments(shifted, moments, 1.0), ref.compeft_scale(shifted, 1.0))
 
 
 # ---- uniform group quantization -----------------------------------------------------------

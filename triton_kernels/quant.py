@@ -31,7 +31,7 @@ import triton.language as tl
 
 from deltaops.reference import quant as ref
 
-from .sparse import _LAUNCH, _bits, _f32, _from_f32, _kind, _to_f32
+from .sparse import _LAUNCH, _bits, _f32, _from_f32, _kind, _to_f32, topk_mask
 
 __all__ = [
     "pack_bits",
@@ -40,6 +40,7 @@ __all__ = [
     "quantize_ternary_absmean",
     "quantize_uniform",
     "compeft_pack",
+    "compeft_quantize",
     "apply_quantized_",
     "delta_bmm",
 ]
@@ -178,6 +179,13 @@ def compeft_pack(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     codes.mul_(keep.reshape(-1)).add_(ref.TERNARY_ZERO)
     flat = codes.view(torch.uint8)
     return _encode(flat, flat.numel(), 2, _FROM_CODES)
+
+
+def compeft_quantize(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ref.compeft_quantize``, composed: this backend's top-k mask and pack,
+    the moments summed by torch (``h = n``)."""
+    ref.check_finite(x)
+    return compeft_pack(x, topk_mask(x, k)), ref.fp64_moments(x)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

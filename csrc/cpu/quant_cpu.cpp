@@ -25,9 +25,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -382,6 +385,85 @@ void scaled_codes(const T* __restrict x, int64_t n, float s, float z, float maxq
                   uint8_t* __restrict codes) {
   for (int64_t i = 0; i < n; ++i)
     codes[i] = static_cast<uint8_t>(uniform_code_scaled(load_f32(x[i]), s, z, maxq));
+}
+
+// ---- ComPEFT moments (every table) ----
+
+constexpr int64_t kCompeftChunk = int64_t(1) << 16;  // a multiple of 32: chunks start on whole bytes of codes
+constexpr int64_t kCompeftSample = int64_t(1) << 16;
+constexpr int64_t kMaxBandCells = int64_t(1) << 22;  // per-chunk band histograms: 16 MiB at most
+
+// A band [lo, hi] of magnitude keys that should hold the k-th largest
+// (1 <= k <= n), and `guess`, the sample's own k-th largest: order statistics
+// of a strided sample, the band widened by six standard deviations of the
+// sample rank (plus 16). Only the speed depends on them: the caller counts what
+// the band holds and falls back to the full top-k when it misses. Small
+// tensors take every key.
+struct CompeftBand {
+  uint16_t lo, guess, hi;
+};
+
+CompeftBand compeft_band(const uint16_t* h, int64_t n, int64_t k) {
+  constexpr int64_t S = kCompeftSample;
+  if (n <= 2 * S) return {0, 0x7FFF, 0x7FFF};
+  std::vector<uint16_t> sample(static_cast<size_t>(S));
+  at::parallel_for(0, S, 4096, [&](int64_t jb, int64_t je) {
+    for (int64_t j = jb; j < je; ++j) sample[j] = h[j * n / S] & 0x7FFF;  // j * n < 2^63 for n < 2^47
+  });
+  std::vector<int32_t> count(0x8000, 0);  // the sample's keys, counted (no sort)
+  for (const uint16_t key : sample) ++count[key];
+  // the key of sample rank r, counting from the largest (rank 0)
+  auto key_of_rank = [&](int64_t r) {
+    int64_t key = 0x7FFF;
+    for (int64_t seen = count[key]; seen <= r; seen += count[key]) --key;
+    return static_cast<uint16_t>(key);
+  };
+  const double p = static_cast<double>(k) / static_cast<double>(n);
+  const int64_t rank = std::min<int64_t>(S - 1, static_cast<int64_t>(static_cast<double>(k - 1) * S / n));
+  const int64_t margin = static_cast<int64_t>(6.0 * std::sqrt(S * p * (1.0 - p))) + 16;
+  return {rank + margin >= S ? uint16_t(0) : key_of_rank(rank + margin), key_of_rank(rank),
+          rank - margin < 0 ? uint16_t(0x7FFF) : key_of_rank(rank - margin)};
+}
+
+// [sum x, sum x^2, h] of x[0, n) in fp64 (compeft_quantize's moments): per
+// chunk 8 lanes, each adding at most kCompeftChunk / 8 terms, a 3-level tree,
+// then the chunks in order. False when x holds NaN or inf (the sums show it:
+// finite fp32 values cannot overflow them).
+template <typename T>
+bool compeft_moments(const T* x, int64_t n, double* moments) {
+  const int64_t nchunks = (n + kCompeftChunk - 1) / kCompeftChunk;
+  std::vector<double> chunk_s1(static_cast<size_t>(nchunks)), chunk_s2(static_cast<size_t>(nchunks));
+  parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
+    double s1[8] = {}, s2[8] = {};
+    int64_t i = b;
+    for (; i + 8 <= e; i += 8) {
+      for (int j = 0; j < 8; ++j) {
+        const double d = load_f32(x[i + j]);
+        s1[j] += d;
+        s2[j] += d * d;  // exact
+      }
+    }
+    for (int j = 0; i < e; ++i, ++j) {
+      const double d = load_f32(x[i]);
+      s1[j] += d;
+      s2[j] += d * d;
+    }
+    for (int width = 4; width >= 1; width /= 2) {
+      for (int j = 0; j < width; ++j) {
+        s1[j] += s1[j + width];
+        s2[j] += s2[j + width];
+      }
+    }
+    chunk_s1[b / kCompeftChunk] = s1[0];
+    chunk_s2[b / kCompeftChunk] = s2[0];
+  });
+  moments[0] = moments[1] = 0.0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    moments[0] += chunk_s1[c];
+    moments[1] += chunk_s2[c];
+  }
+  moments[2] = static_cast<double>(kCompeftChunk / 8 + 3 + nchunks);
+  return std::isfinite(moments[0]) && std::isfinite(moments[1]);
 }
 
 // ---- AVX-512 kernels ------------------------------------------------------------------------
@@ -801,6 +883,180 @@ DQ_AVX512 void ternary_chunk(const T* x, int64_t b, int64_t e, uint32_t t_bits, 
   }
 }
 
+// ---- ComPEFT: top-k codes and fp64 moments, 16-bit types ----
+// One read of x. A band [lo, hi] of magnitude keys that should hold the k-th
+// largest, and a guess of it, come from a sample (compeft_band). The scan
+// (compeft_scan) writes every element's code as if the guess were the
+// threshold (kept iff key > guess), sums x and x^2 in fp64, and keeps the
+// band's elements aside (pattern and position). Their counts give the exact
+// threshold; compeft_fixup then rewrites the codes the guess got wrong, all of
+// them in the band. No full histogram, no mask tensor, no second pass over x.
+
+// Per chunk of kCompeftChunk elements (chunk order makes the results
+// independent of the thread count).
+struct CompeftChunk {
+  double s1 = 0.0, s2 = 0.0;  // sum x, sum x^2 (fp64)
+  int64_t above = 0;          // keys > hi
+  uint32_t max_key = 0;       // largest |x| pattern (NaN/inf check)
+  int64_t first = 0, count = 0;  // its band elements: band[first, first + count) of the thread that scanned it
+  bool rescan = false;        // too many band elements to keep aside: rewrite the chunk
+};
+
+// ComPEFT's 2-bit codes of 32 elements: 2 where kept and x > 0, 0 where kept
+// and x < 0, 1 elsewhere (`kept` holds no zero), as a low bit "not kept" and a
+// high bit "kept and positive" interleaved with pdep (as ternary_chunk_bf16).
+DQ_AVX512 inline void store_compeft_codes(__m512i v, uint32_t kept, __mmask32 m, int64_t len, uint8_t* out) {
+  const uint64_t low = static_cast<uint32_t>(~kept & m), high = kept & ~static_cast<uint32_t>(_mm512_movepi16_mask(v));
+  const uint64_t word = _pdep_u64(low, 0x5555555555555555ull) | _pdep_u64(high, 0xAAAAAAAAAAAAAAAAull);
+  if (len == 32)
+    std::memcpy(out, &word, 8);
+  else  // the stream's last, partial unit: its bytes only
+    std::memcpy(out, &word, static_cast<size_t>((len + 3) / 4));
+}
+
+// x[b, e) of a 16-bit type (b a multiple of 32): codes as if `guess` were the
+// threshold into `packed` (guess <= hi), the band's elements (key in [lo, hi]; none when lo > hi)
+// compressed into `band` (at least e - b + 16 slots) without a branch per
+// vector (one on "this vector has a band key" would be mispredicted about
+// every other vector); returns how many. Moments: 32 fp64 lanes (four vectors
+// of 8), each adding one element of every 32 (at most kCompeftChunk / 32 terms
+// per lane), then 2 + 3 levels of vector additions.
+template <bool BF16>
+DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftBand range, uint8_t* packed,
+                               uint32_t* band, CompeftChunk* out) {
+  const __m512i abs16 = _mm512_set1_epi16(0x7FFF), lov = _mm512_set1_epi16(static_cast<int16_t>(range.lo)),
+                guessv = _mm512_set1_epi16(static_cast<int16_t>(range.guess)),
+                hiv = _mm512_set1_epi16(static_cast<int16_t>(range.hi));
+  // each lane's offset in the chunk, in bits 16-31, for the two halves of the next vector
+  __m512i offsets[2];
+  offsets[0] = _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 16);
+  offsets[1] = _mm512_add_epi32(offsets[0], _mm512_set1_epi32(16 << 16));
+  const __m512i step = _mm512_set1_epi32(32 << 16);
+  __m512d s1[4], s2[4];
+  for (int j = 0; j < 4; ++j) s1[j] = s2[j] = _mm512_setzero_pd();
+  __m512i kmax = _mm512_setzero_si512();
+  int64_t above = 0, nband = 0;
+  for (int64_t i = b; i < e; i += 32) {
+    const int64_t len = std::min<int64_t>(32, e - i);
+    const __mmask32 m = len == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << len) - 1u);
+    const __m512i v = len == 32 ? _mm512_loadu_si512(h + i) : _mm512_maskz_loadu_epi16(m, h + i);
+    const __m512i a = _mm512_and_si512(v, abs16);  // lanes past e are +0.0: no key, no sum
+    kmax = _mm512_max_epu16(kmax, a);
+    const uint32_t over = _mm512_cmpgt_epu16_mask(a, hiv);
+    above += _mm_popcnt_u32(over);
+    store_compeft_codes(v, _mm512_cmpgt_epu16_mask(a, guessv), m, len, packed + i / 4);  // key > guess: no zero
+    const uint32_t in_band = _mm512_cmpge_epu16_mask(a, lov) & m & ~over;
+    __m512 f[2];
+    for (int half = 0; half < 2; ++half) {
+      const __m512i wide = _mm512_cvtepu16_epi32(half ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v));
+      const __mmask16 lanes = static_cast<__mmask16>(in_band >> (16 * half));
+      _mm512_storeu_si512(band + nband, _mm512_maskz_compress_epi32(lanes, _mm512_or_si512(wide, offsets[half])));
+      nband += _mm_popcnt_u32(lanes);
+      offsets[half] = _mm512_add_epi32(offsets[half], step);
+      f[half] = BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))
+                     : _mm512_cvtph_ps(_mm512_cvtepi32_epi16(wide));  // both exact
+    }
+    const __m512d d[4] = {_mm512_cvtps_pd(_mm512_castps512_ps256(f[0])), _mm512_cvtps_pd(_mm512_extractf32x8_ps(f[0], 1)),
+                          _mm512_cvtps_pd(_mm512_castps512_ps256(f[1])), _mm512_cvtps_pd(_mm512_extractf32x8_ps(f[1], 1))};
+    for (int j = 0; j < 4; ++j) {
+      s1[j] = _mm512_add_pd(s1[j], d[j]);
+      s2[j] = _mm512_fmadd_pd(d[j], d[j], s2[j]);  // d * d is exact: one rounding, as an add
+    }
+  }
+  out->s1 = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s1[0], s1[1]), _mm512_add_pd(s1[2], s1[3])));
+  out->s2 = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s2[0], s2[1]), _mm512_add_pd(s2[2], s2[3])));
+  out->above = above;
+  alignas(64) uint16_t keys[32];
+  _mm512_store_si512(keys, kmax);
+  out->max_key = *std::max_element(keys, keys + 32);
+  return nband;
+}
+
+// hist[key - lo] += 1 for the keys of `count` band entries. A narrow band (the
+// usual case: about ten keys for bf16) is counted key by key with vector
+// compares: scalar increments of a few bins queue behind each other.
+DQ_AVX512 void count_band_keys(const uint32_t* band, int64_t count, uint16_t lo, int64_t width, uint32_t* hist) {
+  if (width > 64) {
+    for (int64_t j = 0; j < count; ++j) ++hist[(band[j] & 0x7FFFu) - lo];
+    return;
+  }
+  const __m512i key_mask = _mm512_set1_epi32(0x7FFF);
+  for (int64_t w = 0; w < width; ++w) {
+    const __m512i key = _mm512_set1_epi32(lo + static_cast<int32_t>(w));
+    int64_t total = 0;
+    for (int64_t j = 0; j < count; j += 16) {
+      const __m512i entry = _mm512_maskz_loadu_epi32(first_lanes(count - j), band + j);
+      total += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(first_lanes(count - j), _mm512_and_si512(entry, key_mask), key));
+    }
+    hist[w] += static_cast<uint32_t>(total);
+  }
+}
+
+// The band's elements of one chunk (flat order), once the threshold is known:
+// those with key > thr, and the first `budget` with key == thr, are kept (code
+// sign(x) + 1; a kept zero has code 1). The scan wrote the codes for
+// key > guess; the decision is made 16 entries at a time and only the codes
+// that differ are rewritten.
+DQ_AVX512 void compeft_fixup(const uint32_t* band, int64_t count, int64_t b, uint16_t guess, uint16_t thr,
+                             int64_t budget, uint8_t* packed) {
+  const __m512i key_mask = _mm512_set1_epi32(0x7FFF), tv = _mm512_set1_epi32(thr),
+                guessv = _mm512_set1_epi32(guess), sign = _mm512_set1_epi32(0x8000),
+                offset_bits = _mm512_set1_epi32(0xFFFF << 2), one = _mm512_set1_epi32(1),
+                two = _mm512_set1_epi32(2);
+  // 1. decide, 16 entries at a time; the changes (offset << 2 | new code) in order
+  static_assert(kCompeftChunk / 8 + 16 <= 8208, "a chunk keeps at most kCompeftChunk / 8 band elements");
+  alignas(64) uint32_t changes[8208];
+  int64_t nchanges = 0;
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 m = first_lanes(count - j);
+    const __m512i entry = _mm512_maskz_loadu_epi32(m, band + j);
+    const __m512i key = _mm512_and_si512(entry, key_mask);
+    uint32_t keep = _mm512_cmpgt_epu32_mask(key, tv) & m;
+    if (budget > 0) {
+      const uint32_t equal = _mm512_cmpeq_epu32_mask(key, tv) & m;
+      const int64_t ties = _mm_popcnt_u32(equal);
+      keep |= ties <= budget ? equal : _pdep_u32((1u << budget) - 1u, equal);  // the lowest `budget`
+      budget -= std::min(ties, budget);
+    }
+    keep &= _mm512_test_epi32_mask(key, key);
+    const __mmask16 wrong = static_cast<__mmask16>(keep ^ _mm512_cmpgt_epu32_mask(key, guessv));
+    const __m512i kept_code = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(entry, sign), two, _mm512_setzero_si512());
+    const __m512i code = _mm512_mask_blend_epi32(static_cast<__mmask16>(keep), one, kept_code);
+    const __m512i change = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(entry, 14), offset_bits), code);
+    _mm512_storeu_si512(changes + nchanges, _mm512_maskz_compress_epi32(wrong, change));
+    nchanges += _mm_popcnt_u32(wrong);
+  }
+  // 2. the chunk's codes left the caches during the scan: request every line first,
+  // 3. then rewrite (independent misses overlap instead of queueing behind each write)
+  for (int64_t j = 0; j < nchanges; ++j) __builtin_prefetch(packed + (b + (changes[j] >> 2)) / 4, 1);
+  for (int64_t j = 0; j < nchanges; ++j) {
+    const int64_t i = b + (changes[j] >> 2);
+    const int shift = 2 * static_cast<int>(i % 4);
+    packed[i / 4] = static_cast<uint8_t>((packed[i / 4] & ~(3 << shift)) | ((changes[j] & 3) << shift));
+  }
+}
+
+// The codes of x[b, e) (b a multiple of 32) for threshold thr: kept = key > thr,
+// or key == thr for the first `budget` such elements of the range.
+DQ_AVX512 void compeft_codes_chunk(const uint16_t* h, int64_t b, int64_t e, uint16_t thr, int64_t budget,
+                                   uint8_t* packed) {
+  const __m512i abs16 = _mm512_set1_epi16(0x7FFF), tv = _mm512_set1_epi16(static_cast<int16_t>(thr));
+  for (int64_t i = b; i < e; i += 32) {
+    const int64_t len = std::min<int64_t>(32, e - i);
+    const __mmask32 m = len == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << len) - 1u);
+    const __m512i v = len == 32 ? _mm512_loadu_si512(h + i) : _mm512_maskz_loadu_epi16(m, h + i);
+    const __m512i a = _mm512_and_si512(v, abs16);
+    uint32_t kept = _mm512_cmpgt_epu16_mask(a, tv) & m;
+    if (budget > 0) {
+      const uint32_t equal = _mm512_cmpeq_epu16_mask(a, tv) & m;
+      const int64_t count = _mm_popcnt_u32(equal);
+      kept |= count <= budget ? equal : _pdep_u32((1u << budget) - 1u, equal);  // the lowest `budget`
+      budget -= std::min(count, budget);
+    }
+    store_compeft_codes(v, kept & _mm512_test_epi16_mask(a, a), m, len, packed + i / 4);  // a kept zero: code 1
+  }
+}
+
 // ---- uniform quantization of a chunk, groups fused ----
 
 // Position in the (row, group) layout: the group of flat element i.
@@ -1164,6 +1420,97 @@ float abs_mean_avx512(const T* x, int64_t n) {
   return abs_mean_from_bins(total.lo, n, total.hi);
 }
 
+// ComPEFT for bf16/fp16 (see compeft_scan): fills `moments` with
+// [sum x, sum x^2, h] (compeft_quantize's contract). When the sample's band
+// misses the k-th largest key, the codes come from the full top-k instead.
+template <typename T>
+at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
+  constexpr bool kBF16 = std::is_same_v<T, bf16_t>;
+  const uint16_t* h = static_cast<const uint16_t*>(x.data_ptr());
+  const int64_t n = x.numel(), nchunks = (n + kCompeftChunk - 1) / kCompeftChunk;
+  CompeftBand range{0x8000, 0x7FFF, 0x7FFF};  // an empty band above every key (k == 0 keeps nothing)
+  if (k > 0) range = compeft_band(h, n, k);
+  if (nchunks * (range.hi - range.lo + 1) > kMaxBandCells) range = {0x8000, 0x7FFF, 0x7FFF};  // full top-k below
+  const int64_t lo = range.lo, hi = range.hi, width = hi - lo + 1;
+  at::Tensor packed = new_output({packed_nbytes(n, 2)}, x.options().dtype(at::kByte));
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  std::vector<CompeftChunk> chunks(static_cast<size_t>(nchunks));
+  std::vector<uint32_t> hist(static_cast<size_t>(nchunks * width), 0u);  // per chunk: hist[key - lo]
+  // Band elements (pattern | offset in the chunk << 16) go to the scanning thread's
+  // buffer, chunk after chunk, with the list of its chunks: the fix-up then reads
+  // each buffer as one stream. The buffers belong to the calling thread and keep
+  // their capacity between calls (no page faults on the next call).
+  static thread_local std::vector<std::vector<uint32_t>> calling_thread_buffers;
+  auto& band_of = calling_thread_buffers;  // the lambdas below run on other threads: capture the object
+  const int nthreads = at::get_num_threads();
+  band_of.resize(static_cast<size_t>(nthreads));
+  std::vector<int64_t> used(static_cast<size_t>(nthreads), 0);  // the buffers only grow: no clearing
+  std::vector<std::vector<int64_t>> chunks_of(static_cast<size_t>(nthreads));
+  parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
+    const int t = at::get_thread_num();
+    std::vector<uint32_t>& band = band_of[t];
+    const int64_t c = b / kCompeftChunk, first = used[t];
+    if (static_cast<int64_t>(band.size()) < first + kCompeftChunk + 16)
+      band.resize(std::max(2 * band.size(), static_cast<size_t>(first + kCompeftChunk + 16)));
+    CompeftChunk& chunk = chunks[c];
+    const int64_t count = compeft_scan<kBF16>(h, b, e, range, out, band.data() + first, &chunk);
+    count_band_keys(band.data() + first, count, range.lo, width, hist.data() + c * width);
+    // Up to an eighth of the chunk is kept aside (at most n / 2 bytes in all); a chunk
+    // with more (heavy ties at the threshold) is rewritten from x once it is known.
+    chunk.rescan = count > kCompeftChunk / 8;
+    chunk.first = first;
+    chunk.count = chunk.rescan ? 0 : count;
+    used[t] = first + chunk.count;
+    chunks_of[t].push_back(c);
+  });
+  uint32_t max_key = 0;
+  int64_t above = 0;
+  moments[0] = moments[1] = 0.0;
+  for (const CompeftChunk& c : chunks) {  // in chunk order: one addition per chunk
+    max_key = std::max(max_key, c.max_key);
+    above += c.above;
+    moments[0] += c.s1;
+    moments[1] += c.s2;
+  }
+  if (max_key >= (kBF16 ? 0x7F80u : 0x7C00u)) throw_nonfinite(static_cast<const T*>(x.data_ptr()), n, "x");
+  // additions per term: in its lane, 2 + 3 levels of vector sums (counted as 2 + 7), one per chunk
+  moments[2] = static_cast<double>(kCompeftChunk / 32 + 9 + nchunks);
+  if (k == 0) return packed;
+
+  std::vector<int64_t> merged(static_cast<size_t>(width), 0);
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int64_t w = 0; w < width; ++w) merged[w] += hist[c * width + w];
+  int64_t thr = -1, take = 0, count = above;
+  for (int64_t key = hi; count < k && key >= lo; --key) {
+    if (count + merged[key - lo] >= k) {
+      thr = key;
+      take = k - count;
+      break;
+    }
+    count += merged[key - lo];
+  }
+  if (thr < 0) return compeft_pack(x, topk_mask(x, k));  // the band missed the k-th key
+  std::vector<int64_t> budget(static_cast<size_t>(nchunks), 0);
+  for (int64_t c = 0, before = 0; c < nchunks; ++c) {
+    const int64_t ties = hist[c * width + (thr - lo)];  // equal keys are kept in flat order
+    budget[c] = std::clamp<int64_t>(take - before, 0, ties);
+    before += ties;
+  }
+  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      for (const int64_t c : chunks_of[t]) {
+        const int64_t b = c * kCompeftChunk, e = std::min(n, b + kCompeftChunk);
+        if (chunks[c].rescan)
+          compeft_codes_chunk(h, b, e, static_cast<uint16_t>(thr), budget[c], out);
+        else
+          compeft_fixup(band_of[t].data() + chunks[c].first, chunks[c].count, b, range.guess,
+                        static_cast<uint16_t>(thr), budget[c], out);
+      }
+    }
+  });
+  return packed;
+}
+
 #pragma GCC diagnostic pop
 #endif  // DELTAOPS_QUANT_AVX512
 
@@ -1294,6 +1641,32 @@ at::Tensor compeft_pack(const at::Tensor& x, const at::Tensor& keep) {
     });
   });
   return packed;
+}
+
+std::tuple<at::Tensor, at::Tensor> compeft_quantize(const at::Tensor& x, int64_t k) {
+  check_cpu(x, "x");
+  const int64_t n = x.numel();
+  if (k < 0 || k > n)
+    throw ValueError("k must be in [0, " + std::to_string(n) + "], got " + std::to_string(k));
+  double m[3] = {0.0, 0.0, 0.0};
+  at::Tensor packed;
+  with_dtype(x, "x", [&](auto tag) {
+    using T = decltype(tag);
+    const T* data = static_cast<const T*>(x.data_ptr());
+#if DELTAOPS_QUANT_AVX512
+    if constexpr (!std::is_same_v<T, float>) {
+      if (use_avx512()) {
+        packed = compeft_avx512<T>(x, k, m);
+        return;
+      }
+    }
+#endif
+    if (!compeft_moments(data, n, m)) throw_nonfinite(data, n, "x");
+    packed = compeft_pack(x, topk_mask(x, k));
+  });
+  at::Tensor moments = at::empty({3}, x.options().dtype(at::kDouble));
+  std::copy(m, m + 3, moments.data_ptr<double>());
+  return {packed, moments};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor& x, int64_t bits,

@@ -26,6 +26,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_ternary_absmean(const at::Tensor& x)
 // ComPEFT's packed 2-bit codes of finite x given the kept mask (bool, x's numel):
 // sign(x) + 1 where kept, 1 elsewhere (reference: compeft_pack).
 at::Tensor compeft_pack(const at::Tensor& x, const at::Tensor& keep);
+// ComPEFT in one call: (packed codes of the top k magnitudes, ties to the lowest
+// flat index: sign(x) + 1 where kept, 1 elsewhere; fp64 moments [sum x, sum x^2, h],
+// each term through at most h additions) (reference: compeft_quantize).
+std::tuple<at::Tensor, at::Tensor> compeft_quantize(const at::Tensor& x, int64_t k);
 // Uniform groups along the last dim: (packed codes, fp32 scales (rows, G), uint8 zeros (rows, G)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor& x, int64_t bits,
                                                                 int64_t group_size, bool symmetric);

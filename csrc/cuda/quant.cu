@@ -19,6 +19,7 @@
 #include "common.cuh"
 #include "deltaops/quant.h"
 #include "quant_cuda.cuh"
+#include "sparse_cuda.cuh"
 
 namespace deltaops {
 namespace cuda {
@@ -344,6 +345,18 @@ at::Tensor compeft_pack(const at::Tensor& x, const at::Tensor& keep) {
   // Composed (no kernel of its own yet): int8 sign(x) + 1 where kept, 1 elsewhere, then packed.
   at::Tensor codes = at::sign(x.reshape(-1)).to(at::kChar).mul_(keep.reshape(-1)).add_(1);
   return pack_bits(codes.view(at::kByte), 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> compeft_quantize(const at::Tensor& x, int64_t k) {
+  check_input(x, "compeft_quantize", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_finite(x);
+  // Composed: the top-k kernel, compeft_pack, and torch's fp64 sums (in an order of
+  // torch's own, hence the bound h = n that holds for any order).
+  const at::Tensor flat = x.reshape(-1).to(at::kDouble);
+  const at::Tensor moments = at::stack({flat.sum(), flat.mul(flat).sum(),
+                                        at::scalar_tensor(static_cast<double>(flat.numel()), flat.options())});
+  return {compeft_pack(x, topk_mask(x, k)), moments};
 }
 
 at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, int64_t numel) {

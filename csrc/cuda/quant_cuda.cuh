@@ -14,6 +14,9 @@ at::Tensor pack_bits(const at::Tensor& codes, int64_t bits);
 at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, int64_t numel);
 // ComPEFT's packed 2-bit codes: sign(x) + 1 where keep, 1 elsewhere.
 at::Tensor compeft_pack(const at::Tensor& x, const at::Tensor& keep);
+// ComPEFT's codes for the top k magnitudes and fp64 moments [sum x, sum x^2, h]
+// (reference: compeft_quantize).
+std::tuple<at::Tensor, at::Tensor> compeft_quantize(const at::Tensor& x, int64_t k);
 std::tuple<at::Tensor, at::Tensor> quantize_sign(const at::Tensor& x, bool per_row);
 std::tuple<at::Tensor, at::Tensor> quantize_ternary_absmean(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor& x, int64_t bits,

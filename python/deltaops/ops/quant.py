@@ -45,6 +45,10 @@ def _compeft_pack(x: Tensor, keep: Tensor) -> Tensor:
     return ref.compeft_pack(x, keep)
 
 
+def _compeft_quantize(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    return ref.compeft_quantize(x, k)
+
+
 def _apply_quantized_(weight: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, bits: int,
                       group_size: int, alpha: float) -> None:
     ref.apply_quantized_(weight, packed, scales, zeros, bits, group_size, alpha)
@@ -87,13 +91,16 @@ quantize_ternary_absmean_op = define("quantize_ternary_absmean", _quantize_terna
                                      _quantize_ternary_fake)
 quantize_uniform_op = define("quantize_uniform", _quantize_uniform, _quantize_uniform_fake)
 compeft_pack_op = define("compeft_pack", _compeft_pack, lambda x, keep: _packed_like(x, 2))
+compeft_quantize_op = define("compeft_quantize", _compeft_quantize,
+                             lambda x, k: (_packed_like(x, 2), x.new_empty(3, dtype=torch.float64)))
 apply_quantized_op = define("apply_quantized_", _apply_quantized_, lambda *args: None,
                             mutates_args=("weight",))
 delta_bmm_op = define("delta_bmm", _delta_bmm, _delta_bmm_fake)
 
 # The custom ops of this family (tests opcheck each of them).
 OP_NAMES = ("pack_bits", "unpack_bits", "quantize_sign", "quantize_ternary_absmean",
-            "quantize_uniform", "compeft_pack", "apply_quantized_", "delta_bmm")
+            "quantize_uniform", "compeft_pack", "compeft_quantize", "apply_quantized_",
+            "delta_bmm")
 
 # ---- public API --------------------------------------------------------------------------
 
@@ -156,12 +163,12 @@ def quantize_ternary(delta: Tensor, *, method: str = "absmean", density: Optiona
     * ``compeft`` (Yadav et al. 2023): keep the top ``int(density * numel)``
       magnitudes (ties to the lowest flat index), ``q = sign(x)`` there and 0
       elsewhere; ``s = alpha * std(delta)`` (Bessel-corrected, over the
-      unpruned delta).
+      unpruned delta; the fp32 nearest the exact value, so every backend
+      gives the same bits).
 
     Returns a :class:`deltaops.TernaryDelta` (2-bit codes ``q + 1``).
     """
     from ..formats.quant import TernaryDelta
-    from .sparse import topk_mask_op
 
     x = _quantizable("delta", delta)
     check.one_of("method", method, TERNARY_METHODS)
@@ -174,17 +181,11 @@ def quantize_ternary(delta: Tensor, *, method: str = "absmean", density: Optiona
         raise ValueError("method='compeft' needs density (the fraction of elements kept)")
     density = check.fraction("density", density)
     alpha = check.finite_float("alpha", alpha)
-    flat = x.reshape(-1)
-    if flat.numel():
-        # One reduction (min and max propagate NaN, and inf shows in them) instead of an
-        # isfinite pass; the reference check then names the first bad element.
-        lo, hi = torch.aminmax(flat)
-        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-            ref.check_finite(x, "delta")
-    keep = topk_mask_op(x, int(density * x.numel()))
-    packed = compeft_pack_op(x, keep)  # sign(x) + 1 where kept, 1 elsewhere, packed
-    return TernaryDelta(x.shape, packed, ref.compeft_scale(x, alpha), method=method,
-                        dtype=x.dtype)
+    # codes (top-k by magnitude, sign + 1 where kept) and fp64 moments in one op; the
+    # scale is the exact fp32 std, decided by the moments' error bound or the exact sums
+    packed, moments = compeft_quantize_op(x, int(density * x.numel()))
+    return TernaryDelta(x.shape, packed, ref.compeft_scale_from_moments(x, moments, alpha),
+                        method=method, dtype=x.dtype)
 
 
 def quantize_uniform(x: Tensor, bits: int, *, group_size: int = 128, symmetric: bool = False):

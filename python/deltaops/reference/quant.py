@@ -38,6 +38,14 @@ add integer significands into one bin per exponent (order-free integer
 sums) and convert once; see :func:`exact_abs_sums` and
 :func:`abs_mean_from_bins`.
 
+ComPEFT's ``std`` is defined the same way: the correctly rounded (nearest
+even) fp32 of the exact Bessel-corrected standard deviation, from exact
+sums of ``x`` and ``x^2`` (:func:`exact_std`). Kernels sum in fp64 instead
+and report a bound on their rounding error (:func:`compeft_quantize`'s
+moments); :func:`std_from_moments` turns that into an interval and returns
+the fp32 value only when the whole interval rounds to it, so the fast path
+gives the exact answer or none, and the exact sums decide the rest.
+
 Rounding
 --------
 ``rne(y)`` is round half to even (``torch.round``); every quantizer clamps
@@ -50,6 +58,7 @@ NaN and inf inputs raise ``ValueError``.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -62,6 +71,7 @@ __all__ = [
     "quantize_ternary_absmean",
     "quantize_uniform",
     "compeft_pack",
+    "compeft_quantize",
     "apply_quantized_",
     "delta_bmm",
 ]
@@ -283,16 +293,168 @@ def compeft_pack(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return pack_bits(codes, 2)
 
 
-def compeft_scale(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """ComPEFT's magnitude: ``fp32(fp32(alpha) * fp32(std(x)))``, shape ``(1, 1)``.
+def compeft_quantize(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComPEFT's codes and the moments its scale needs, in one op.
 
-    ``std`` of the unpruned delta with Bessel's correction (``torch.std``),
-    computed in fp64 by torch, then rounded to fp32: the same function on
-    every backend (no kernel computes it). One element: std 0.
+    Returns ``(packed, moments)``: ``packed`` is
+    ``compeft_pack(x, topk_mask(x, k))`` (the top ``k`` magnitudes, ties to
+    the lowest flat index, get code ``sign(x) + 1``, the rest 1) and
+    ``moments`` is fp64 ``[s1, s2, h]``: ``s1`` and ``s2`` are ``sum x`` and
+    ``sum x^2`` added in fp64 in any order in which every term passes through
+    at most ``h`` additions, so ``|s1 - sum x| <= g * sum |x|`` and
+    ``|s2 - sum x^2| <= g * sum x^2`` with ``g = h u / (1 - h u)``,
+    ``u = 2^-53`` (Higham, "Accuracy and Stability of Numerical Algorithms",
+    eq. 4.4). Every ``x`` and ``x^2`` of an fp32, bf16 or fp16 tensor is exact
+    in fp64, so the additions are the only roundings. Here torch sums, in an
+    order of its own, so ``h = n`` (a bound for any order); a kernel reports
+    its own, smaller ``h``. NaN and inf raise ``ValueError``.
     """
-    std = x.double().std() if x.numel() > 1 else torch.zeros((), dtype=torch.float64, device=x.device)
-    alpha32 = torch.tensor(alpha, dtype=torch.float32, device=x.device)
-    return (alpha32 * std.float()).reshape(1, 1)
+    check_finite(x)
+    return compeft_pack(x, topk_mask(x, k)), fp64_moments(x)
+
+
+def fp64_moments(x: torch.Tensor) -> torch.Tensor:
+    """``[sum x, sum x^2, n]`` in fp64 by torch (:func:`compeft_quantize`'s moments
+    with ``h = n``, a bound for any summation order)."""
+    flat = x.reshape(-1).double()
+    return torch.stack([flat.sum(), (flat * flat).sum(),
+                        torch.tensor(float(flat.numel()), dtype=torch.float64, device=x.device)])
+
+
+# ---- ComPEFT's standard deviation, exactly -------------------------------------------------
+
+_FP32_MANTISSA = 24
+_FP32_MIN_EXPONENT = -126  # of the smallest normal
+_EXACT_CHUNK = 1 << 22  # elements per pass of exact_moment_sums (bounds its scratch memory)
+
+
+def exact_moment_sums(x: torch.Tensor) -> tuple[int, int]:
+    """``(I1, I2)`` with ``sum x = I1 * 2^-149`` and ``sum x^2 = I2 * 2^-298`` exactly.
+
+    Each element is ``m * 2^(e - 150)`` (``m`` its fp32 significand with the
+    implicit bit, ``e = max(biased exponent, 1)``), so the sums are integer
+    sums per exponent: ``m`` (signed) for ``I1`` and, for ``I2``, ``m^2``
+    split as ``mh^2 2^24 + 2 mh ml 2^12 + ml^2`` (``m = mh 2^12 + ml``) so that
+    every bin fits int64. Integer bins have no summation order.
+    """
+    flat = x.reshape(-1)
+    i1 = i2 = 0
+    for start in range(0, flat.numel(), _EXACT_CHUNK):
+        bits = flat[start:start + _EXACT_CHUNK].float().view(torch.int32).to(torch.int64)
+        exponent = (bits >> 23) & 0xFF
+        m = (bits & 0x7FFFFF) | torch.where(exponent > 0, 0x800000, 0)
+        exponent = exponent.clamp(min=1)
+        high, low = m >> 12, m & 0xFFF
+        columns = torch.stack([torch.where(bits < 0, -m, m), high * high, high * low, low * low])
+        bins = torch.zeros(4, 256, dtype=torch.int64, device=x.device)
+        bins.index_add_(1, exponent, columns)
+        for e, (s, hh, hl, ll) in enumerate(zip(*bins.cpu().tolist())):
+            if e == 0:  # empty: exponents were clamped to 1
+                continue
+            i1 += s << (e - 1)
+            i2 += ((hh << 24) + (hl << 13) + ll) << (2 * e - 2)
+    return i1, i2
+
+
+def round_sqrt_to_fp32(num: int, den: int) -> float:
+    """The fp32 nearest ``sqrt(num / den)`` (ties to even; subnormals and
+    overflow to inf included), as a Python float; ``num >= 0``, ``den > 0``.
+
+    Integer arithmetic only: ``r = isqrt(N // D)`` with ``N / D = 4^s num / den``
+    scaled so that ``r`` has about 60 bits, a sticky bit for the discarded
+    fraction, then the round to 24 (fewer for subnormals) significant bits.
+    """
+    if num == 0:
+        return 0.0
+    shift = (122 - (num.bit_length() - den.bit_length())) // 2
+    big_num, big_den = (num << (2 * shift), den) if shift >= 0 else (num, den << (-2 * shift))
+    quotient, remainder = divmod(big_num, big_den)
+    root = math.isqrt(quotient)
+    sticky = remainder != 0 or root * root != quotient  # sqrt(num/den) * 2^shift > root
+    exponent = root.bit_length() - 1 - shift  # of the leading bit of the result
+    precision = _FP32_MANTISSA - max(0, _FP32_MIN_EXPONENT - exponent)
+    drop = root.bit_length() - precision  # >= 30: root has >= 58 bits
+    kept, rest, half = root >> drop, root & ((1 << drop) - 1), 1 << (drop - 1)
+    if rest > half or (rest == half and (sticky or kept & 1)):
+        kept += 1
+    if kept.bit_length() + drop - shift > 128:  # above fp32's largest finite value
+        return math.inf
+    return math.ldexp(kept, drop - shift)
+
+
+def exact_std(x: torch.Tensor) -> float:
+    """The fp32 (as a Python float) nearest the exact ``std(x)`` with Bessel's
+    correction, ``sqrt((n sum x^2 - (sum x)^2) / (n (n - 1)))``; 0 for ``n < 2``."""
+    n = x.numel()
+    if n < 2:
+        return 0.0
+    i1, i2 = exact_moment_sums(x)
+    return round_sqrt_to_fp32(n * i2 - i1 * i1, (n * (n - 1)) << 298)
+
+
+def _sqrt_upper(value: Fraction) -> Fraction:
+    """A rational upper bound of ``sqrt(value)`` (``value`` a non-negative Fraction),
+    within a relative 2^-60 of it."""
+    if value == 0:
+        return Fraction(0)
+    shift = max(0, 64 - (value.numerator.bit_length() - value.denominator.bit_length()) // 2)
+    scaled = -(-(value.numerator << (2 * shift)) // value.denominator)  # ceil
+    return Fraction(math.isqrt(scaled) + 1, 1 << shift)
+
+
+def std_from_moments(n: int, s1: float, s2: float, depth: float):
+    """The exact fp32 ``std`` from fp64 moments with error bound ``depth``
+    (:func:`compeft_quantize`), or ``None`` when their interval does not decide it.
+
+    With ``g = h u / (1 - h u)``: ``sum x^2`` lies in ``[s2 / (1 + g), s2 / (1 - g)]``,
+    ``sum |x| <= sqrt(n sum x^2)`` (Cauchy-Schwarz) bounds the error of ``s1``,
+    and the variance's interval follows in exact rational arithmetic. Rounding
+    ``sqrt`` to fp32 is monotone, so when both ends round to the same fp32,
+    so does the exact value.
+    """
+    if n < 2:
+        return 0.0
+    hu = Fraction(int(depth)) / (1 << 53)
+    if int(depth) != depth or depth < 0 or hu >= Fraction(1, 2) or not (math.isfinite(s1) and
+                                                                       math.isfinite(s2)):
+        return None
+    g = hu / (1 - hu)
+    sum1, sum2 = Fraction(s1), Fraction(s2)
+    sq_lo, sq_hi = sum2 / (1 + g), sum2 / (1 - g)
+    err1 = g * _sqrt_upper(n * sq_hi)
+    lo1, hi1 = sum1 - err1, sum1 + err1
+    mean_sq_hi = max(lo1 * lo1, hi1 * hi1)
+    mean_sq_lo = Fraction(0) if lo1 <= 0 <= hi1 else min(lo1 * lo1, hi1 * hi1)
+    var_lo = max(n * sq_lo - mean_sq_hi, Fraction(0))
+    var_hi = n * sq_hi - mean_sq_lo
+    den = n * (n - 1)
+    low = round_sqrt_to_fp32(var_lo.numerator, var_lo.denominator * den)
+    high = round_sqrt_to_fp32(var_hi.numerator, var_hi.denominator * den)
+    return low if low == high else None
+
+
+def _scale_tensor(std: float, alpha: float, device) -> torch.Tensor:
+    alpha32 = torch.tensor(alpha, dtype=torch.float32, device=device)
+    return (alpha32 * torch.tensor(std, dtype=torch.float32, device=device)).reshape(1, 1)
+
+
+def compeft_scale(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ComPEFT's magnitude: ``fp32(fp32(alpha) * std32)``, shape ``(1, 1)``.
+
+    ``std32`` is the fp32 nearest the exact standard deviation of the unpruned
+    delta with Bessel's correction (:func:`exact_std`; ``torch.std`` in fp64,
+    rounded to fp32, agrees except where fp64's own rounding errors show).
+    One element: std 0.
+    """
+    return _scale_tensor(exact_std(x), alpha, x.device)
+
+
+def compeft_scale_from_moments(x: torch.Tensor, moments: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`compeft_scale` from :func:`compeft_quantize`'s moments when they
+    decide it (:func:`std_from_moments`), else from the exact sums."""
+    s1, s2, depth = moments.tolist()
+    std = std_from_moments(x.numel(), s1, s2, depth)
+    return _scale_tensor(exact_std(x) if std is None else std, alpha, x.device)
 
 
 def uniform_params(values: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
