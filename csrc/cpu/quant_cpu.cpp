@@ -972,6 +972,15 @@ DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftB
   return nband;
 }
 
+// The equal keys taken from `equal` (lanes in flat order) while `budget` lasts:
+// all of them, or the lowest `budget`; the budget shrinks by what is taken.
+DQ_AVX512 inline uint32_t take_ties(uint32_t equal, int64_t& budget) {
+  const int64_t ties = _mm_popcnt_u32(equal);
+  const uint32_t taken = ties <= budget ? equal : _pdep_u32((1u << budget) - 1u, equal);
+  budget -= std::min(ties, budget);
+  return taken;
+}
+
 // hist[key - lo] += 1 for the keys of `count` band entries. A narrow band (the
 // usual case: about ten keys for bf16) is counted key by key with vector
 // compares: scalar increments of a few bins queue behind each other.
@@ -1012,12 +1021,7 @@ DQ_AVX512 void compeft_fixup(const uint32_t* band, int64_t count, int64_t b, uin
     const __m512i entry = _mm512_maskz_loadu_epi32(m, band + j);
     const __m512i key = _mm512_and_si512(entry, key_mask);
     uint32_t keep = _mm512_cmpgt_epu32_mask(key, tv) & m;
-    if (budget > 0) {
-      const uint32_t equal = _mm512_cmpeq_epu32_mask(key, tv) & m;
-      const int64_t ties = _mm_popcnt_u32(equal);
-      keep |= ties <= budget ? equal : _pdep_u32((1u << budget) - 1u, equal);  // the lowest `budget`
-      budget -= std::min(ties, budget);
-    }
+    if (budget > 0) keep |= take_ties(_mm512_cmpeq_epu32_mask(key, tv) & m, budget);
     keep &= _mm512_test_epi32_mask(key, key);
     const __mmask16 wrong = static_cast<__mmask16>(keep ^ _mm512_cmpgt_epu32_mask(key, guessv));
     const __m512i kept_code = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(entry, sign), two, _mm512_setzero_si512());
@@ -1047,12 +1051,7 @@ DQ_AVX512 void compeft_codes_chunk(const uint16_t* h, int64_t b, int64_t e, uint
     const __m512i v = len == 32 ? _mm512_loadu_si512(h + i) : _mm512_maskz_loadu_epi16(m, h + i);
     const __m512i a = _mm512_and_si512(v, abs16);
     uint32_t kept = _mm512_cmpgt_epu16_mask(a, tv) & m;
-    if (budget > 0) {
-      const uint32_t equal = _mm512_cmpeq_epu16_mask(a, tv) & m;
-      const int64_t count = _mm_popcnt_u32(equal);
-      kept |= count <= budget ? equal : _pdep_u32((1u << budget) - 1u, equal);  // the lowest `budget`
-      budget -= std::min(count, budget);
-    }
+    if (budget > 0) kept |= take_ties(_mm512_cmpeq_epu16_mask(a, tv) & m, budget);
     store_compeft_codes(v, kept & _mm512_test_epi16_mask(a, a), m, len, packed + i / 4);  // a kept zero: code 1
   }
 }
@@ -1448,6 +1447,7 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
   std::vector<std::vector<int64_t>> chunks_of(static_cast<size_t>(nthreads));
   parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
     const int t = at::get_thread_num();
+    TORCH_CHECK(t >= 0 && t < nthreads, "deltaops._C: internal error: thread ", t, " of ", nthreads);
     std::vector<uint32_t>& band = band_of[t];
     const int64_t c = b / kCompeftChunk, first = used[t];
     if (static_cast<int64_t>(band.size()) < first + kCompeftChunk + 16)
