@@ -11,8 +11,8 @@ bandwidth measured in the same run):
 
 * ``apply_``: the weight read and written (2 x 2 bytes per element) plus the
   stored format read once (``nbytes``: packed codes, scales, zero points).
-* ``quantize``: the delta read once (2 bytes per element) plus the format
-  written once. Absmean needs its exact mean before its codes, so it reads
+* ``quantize``: the delta read once (2 bytes per element; 4 for the fp32
+  ComPEFT row, the command line's case) plus the format written once. Absmean needs its exact mean before its codes, so it reads
   the delta a second time; that pass is not counted (the model counts what
   an ideal kernel must move). The CPU kernels of sign and of the uniform
   groups read the delta once (mean or group parameters, then codes, per
@@ -114,6 +114,17 @@ def bench_cpu(bench: Bench, do, shape, quick: bool) -> list[str]:
             bench.case("apply_", label, name, on(name, lambda f=fmt: do.apply_delta_(weight, f)),
                        setup=restore, bytes=2 * n * es + fmt.nbytes, tensor=weight, peer=peer,
                        target=APPLY_TARGET, **extra)
+    # The command line computes each delta in fp32 (fine-tune minus base) before it
+    # quantizes: ComPEFT on that fp32 delta (4 bytes read per element).
+    delta32 = delta.float()
+    label = "ternary compeft d=0.1, fp32 delta"
+    with do.use_backend("cpu"):
+        fmt32 = do.quantize_ternary(delta32, method="compeft", density=0.1)
+    for name in names:
+        extra = slow if name == "reference" else {}
+        bench.case("quantize", label, name,
+                   on(name, lambda: do.quantize_ternary(delta32, method="compeft", density=0.1)),
+                   bytes=n * 4 + fmt32.nbytes, tensor=delta32, target=QUANTIZE_TARGET, **extra)
     bench.copy_reference(weight0)
 
     # sizes and reconstruction error

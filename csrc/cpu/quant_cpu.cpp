@@ -387,7 +387,7 @@ void scaled_codes(const T* __restrict x, int64_t n, float s, float z, float maxq
     codes[i] = static_cast<uint8_t>(uniform_code_scaled(load_f32(x[i]), s, z, maxq));
 }
 
-// ---- ComPEFT moments (every table) ----
+// ---- ComPEFT: the sampled band of keys (AVX-512 table), fp64 moments (portable table) ----
 
 constexpr int64_t kCompeftChunk = int64_t(1) << 16;  // a multiple of 32: chunks start on whole bytes of codes
 constexpr int64_t kCompeftSample = int64_t(1) << 16;
@@ -398,35 +398,41 @@ constexpr int64_t kMaxBandCells = int64_t(1) << 22;  // per-chunk band histogram
 // of a strided sample, the band widened by six standard deviations of the
 // sample rank (plus 16). Only the speed depends on them: the caller counts what
 // the band holds and falls back to the full top-k when it misses. Small
-// tensors take every key.
+// tensors take every key. The keys are 16-bit: |x|'s pattern for bf16/fp16,
+// its top 16 bits (key >> 15: exponent and 8 mantissa bits) for fp32.
 struct CompeftBand {
-  uint16_t lo, guess, hi;
+  uint32_t lo, guess, hi;
 };
 
-CompeftBand compeft_band(const uint16_t* h, int64_t n, int64_t k) {
+inline uint32_t coarse_key(uint16_t bits) { return bits & 0x7FFFu; }
+inline uint32_t coarse_key(uint32_t bits) { return (bits & 0x7FFFFFFFu) >> 15; }
+
+template <typename U>
+CompeftBand compeft_band(const U* bits, int64_t n, int64_t k) {
   constexpr int64_t S = kCompeftSample;
-  if (n <= 2 * S) return {0, 0x7FFF, 0x7FFF};
+  constexpr uint32_t kTop = sizeof(U) == 2 ? 0x7FFFu : 0xFFFFu;
+  if (n <= 2 * S) return {0, kTop, kTop};
   std::vector<uint16_t> sample(static_cast<size_t>(S));
   at::parallel_for(0, S, 4096, [&](int64_t jb, int64_t je) {
-    for (int64_t j = jb; j < je; ++j) sample[j] = h[j * n / S] & 0x7FFF;  // j * n < 2^63 for n < 2^47
+    for (int64_t j = jb; j < je; ++j) sample[j] = coarse_key(bits[j * n / S]);  // j * n < 2^63 for n < 2^47
   });
-  std::vector<int32_t> count(0x8000, 0);  // the sample's keys, counted (no sort)
+  std::vector<int32_t> count(kTop + 1, 0);  // the sample's keys, counted (no sort)
   for (const uint16_t key : sample) ++count[key];
   // the key of sample rank r, counting from the largest (rank 0)
   auto key_of_rank = [&](int64_t r) {
-    int64_t key = 0x7FFF;
+    int64_t key = kTop;
     for (int64_t seen = count[key]; seen <= r; seen += count[key]) --key;
-    return static_cast<uint16_t>(key);
+    return static_cast<uint32_t>(key);
   };
   const double p = static_cast<double>(k) / static_cast<double>(n);
   const int64_t rank = std::min<int64_t>(S - 1, static_cast<int64_t>(static_cast<double>(k - 1) * S / n));
   const int64_t margin = static_cast<int64_t>(6.0 * std::sqrt(S * p * (1.0 - p))) + 16;
-  return {rank + margin >= S ? uint16_t(0) : key_of_rank(rank + margin), key_of_rank(rank),
-          rank - margin < 0 ? uint16_t(0x7FFF) : key_of_rank(rank - margin)};
+  return {rank + margin >= S ? 0u : key_of_rank(rank + margin), key_of_rank(rank),
+          rank - margin < 0 ? kTop : key_of_rank(rank - margin)};
 }
 
-// [sum x, sum x^2, h] of x[0, n) in fp64 (compeft_quantize's moments): per
-// chunk 8 lanes, each adding at most kCompeftChunk / 8 terms, a 3-level tree,
+// [sum x, sum x^2, h] of x[0, n) in fp64 (compeft_quantize's moments, for the
+// portable table, which then takes topk_mask and compeft_pack): per chunk 8 lanes, each adding at most kCompeftChunk / 8 terms, a 3-level tree,
 // then the chunks in order. False when x holds NaN or inf (the sums show it:
 // finite fp32 values cannot overflow them).
 template <typename T>
@@ -1001,6 +1007,19 @@ DQ_AVX512 void count_band_keys(const uint32_t* band, int64_t count, uint16_t lo,
   }
 }
 
+// Rewrites the codes of a chunk starting at element b: changes[j] is
+// offset << 2 | new code. The chunk's codes left the caches during the scan, so
+// every line is requested first, then rewritten (independent misses overlap
+// instead of queueing behind each write).
+inline void write_code_changes(const uint32_t* changes, int64_t nchanges, int64_t b, uint8_t* packed) {
+  for (int64_t j = 0; j < nchanges; ++j) __builtin_prefetch(packed + (b + (changes[j] >> 2)) / 4, 1);
+  for (int64_t j = 0; j < nchanges; ++j) {
+    const int64_t i = b + (changes[j] >> 2);
+    const int shift = 2 * static_cast<int>(i % 4);
+    packed[i / 4] = static_cast<uint8_t>((packed[i / 4] & ~(3 << shift)) | ((changes[j] & 3) << shift));
+  }
+}
+
 // The band's elements of one chunk (flat order), once the threshold is known:
 // those with key > thr, and the first `budget` with key == thr, are kept (code
 // sign(x) + 1; a kept zero has code 1). The scan wrote the codes for
@@ -1012,7 +1031,7 @@ DQ_AVX512 void compeft_fixup(const uint32_t* band, int64_t count, int64_t b, uin
                 guessv = _mm512_set1_epi32(guess), sign = _mm512_set1_epi32(0x8000),
                 offset_bits = _mm512_set1_epi32(0xFFFF << 2), one = _mm512_set1_epi32(1),
                 two = _mm512_set1_epi32(2);
-  // 1. decide, 16 entries at a time; the changes (offset << 2 | new code) in order
+  // decide 16 entries at a time; the changes (offset << 2 | new code) in order
   static_assert(kCompeftChunk / 8 + 16 <= 8208, "a chunk keeps at most kCompeftChunk / 8 band elements");
   alignas(64) uint32_t changes[8208];
   int64_t nchanges = 0;
@@ -1030,14 +1049,7 @@ DQ_AVX512 void compeft_fixup(const uint32_t* band, int64_t count, int64_t b, uin
     _mm512_storeu_si512(changes + nchanges, _mm512_maskz_compress_epi32(wrong, change));
     nchanges += _mm_popcnt_u32(wrong);
   }
-  // 2. the chunk's codes left the caches during the scan: request every line first,
-  // 3. then rewrite (independent misses overlap instead of queueing behind each write)
-  for (int64_t j = 0; j < nchanges; ++j) __builtin_prefetch(packed + (b + (changes[j] >> 2)) / 4, 1);
-  for (int64_t j = 0; j < nchanges; ++j) {
-    const int64_t i = b + (changes[j] >> 2);
-    const int shift = 2 * static_cast<int>(i % 4);
-    packed[i / 4] = static_cast<uint8_t>((packed[i / 4] & ~(3 << shift)) | ((changes[j] & 3) << shift));
-  }
+  write_code_changes(changes, nchanges, b, packed);
 }
 
 // The codes of x[b, e) (b a multiple of 32) for threshold thr: kept = key > thr,
@@ -1054,6 +1066,89 @@ DQ_AVX512 void compeft_codes_chunk(const uint16_t* h, int64_t b, int64_t e, uint
     if (budget > 0) kept |= take_ties(_mm512_cmpeq_epu16_mask(a, tv) & m, budget);
     store_compeft_codes(v, kept & _mm512_test_epi16_mask(a, a), m, len, packed + i / 4);  // a kept zero: code 1
   }
+}
+
+// ---- ComPEFT, fp32: the same plan on 31-bit magnitude keys ----
+// The band, the guess and the per-chunk histograms use the coarse key
+// (key >> 15, as many bins around the threshold as bf16 has); band entries
+// keep the whole pattern (pattern | offset << 32), and the exact threshold
+// inside the coarse bin comes from a histogram of the low 15 bits of that
+// bin's entries.
+
+// x[b, e) of fp32 (b a multiple of 16): as compeft_scan. Moments: 16 fp64 lanes
+// (two vectors of 8), each adding one element of every 16 (at most
+// kCompeftChunk / 16 terms per lane), then 1 + 3 levels of vector additions.
+DQ_AVX512 int64_t compeft_scan32(const uint32_t* u, int64_t b, int64_t e, CompeftBand range, uint8_t* packed,
+                                 uint64_t* band, CompeftChunk* out) {
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF),
+                lov = _mm512_set1_epi32(static_cast<int32_t>(range.lo << 15)),
+                guessv = _mm512_set1_epi32(static_cast<int32_t>((range.guess << 15) | 0x7FFFu)),
+                hiv = _mm512_set1_epi32(static_cast<int32_t>((range.hi << 15) | 0x7FFFu));
+  __m512i offsets[2];  // each lane's offset in the chunk, in bits 32-47, for the two halves of the next vector
+  offsets[0] = _mm512_slli_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), 32);
+  offsets[1] = _mm512_add_epi64(offsets[0], _mm512_set1_epi64(int64_t(8) << 32));
+  const __m512i step = _mm512_set1_epi64(int64_t(16) << 32);
+  __m512d s1[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, s2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+  __m512i kmax = _mm512_setzero_si512();
+  int64_t above = 0, nband = 0;
+  for (int64_t i = b; i < e; i += 16) {
+    const __mmask16 m = first_lanes(e - i);
+    const int64_t len = std::min<int64_t>(16, e - i);
+    const __m512i v = m == 0xFFFF ? _mm512_loadu_si512(u + i) : _mm512_maskz_loadu_epi32(m, u + i);
+    const __m512i a = _mm512_and_si512(v, absmask);  // lanes past e are +0.0: no key, no sum
+    kmax = _mm512_max_epu32(kmax, a);
+    const __mmask16 over = _mm512_cmpgt_epu32_mask(a, hiv);
+    above += _mm_popcnt_u32(over);
+    const uint32_t kept = _mm512_cmpgt_epu32_mask(a, guessv);  // key > guess: no zero
+    const uint32_t low = ~kept & m, high = kept & ~static_cast<uint32_t>(_mm512_movepi32_mask(v));
+    const uint32_t word = _pdep_u32(low, 0x55555555u) | _pdep_u32(high, 0xAAAAAAAAu);
+    std::memcpy(packed + i / 4, &word, static_cast<size_t>(len == 16 ? 4 : (len + 3) / 4));
+    const __mmask16 in_band = _mm512_mask_cmpge_epu32_mask(m & ~over, a, lov);
+    for (int half = 0; half < 2; ++half) {
+      const __m256i part = half ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
+      const __mmask8 lanes = static_cast<__mmask8>(in_band >> (8 * half));
+      _mm512_storeu_si512(band + nband,
+                          _mm512_maskz_compress_epi64(lanes, _mm512_or_si512(_mm512_cvtepu32_epi64(part), offsets[half])));
+      nband += _mm_popcnt_u32(lanes);
+      offsets[half] = _mm512_add_epi64(offsets[half], step);
+      const __m512d d = _mm512_cvtps_pd(_mm256_castsi256_ps(part));  // exact
+      s1[half] = _mm512_add_pd(s1[half], d);
+      s2[half] = _mm512_fmadd_pd(d, d, s2[half]);  // d * d is exact in fp64: one rounding, as an add
+    }
+  }
+  out->s1 = _mm512_reduce_add_pd(_mm512_add_pd(s1[0], s1[1]));
+  out->s2 = _mm512_reduce_add_pd(_mm512_add_pd(s2[0], s2[1]));
+  out->above = above;
+  out->max_key = static_cast<uint32_t>(_mm512_reduce_max_epu32(kmax));
+  return nband;
+}
+
+// compeft_fixup for fp32 entries (pattern | offset << 32) and full 31-bit keys.
+DQ_AVX512 void compeft_fixup32(const uint64_t* band, int64_t count, int64_t b, uint32_t guess, uint32_t thr,
+                               int64_t budget, uint8_t* packed) {
+  const __m512i key_mask = _mm512_set1_epi64(0x7FFFFFFF), tv = _mm512_set1_epi64(thr),
+                guessv = _mm512_set1_epi64(guess), sign = _mm512_set1_epi64(0x80000000),
+                one = _mm512_set1_epi64(1), two = _mm512_set1_epi64(2);
+  static_assert(kCompeftChunk / 8 + 16 <= 8208, "a chunk keeps at most kCompeftChunk / 8 band elements");
+  alignas(64) uint64_t changes64[8208];
+  alignas(64) uint32_t changes[8208];
+  int64_t nchanges = 0;
+  for (int64_t j = 0; j < count; j += 8) {
+    const __mmask8 m = static_cast<__mmask8>(count - j >= 8 ? 0xFF : (1u << (count - j)) - 1u);
+    const __m512i entry = _mm512_maskz_loadu_epi64(m, band + j);
+    const __m512i key = _mm512_and_si512(entry, key_mask);
+    uint32_t keep = _mm512_cmpgt_epu64_mask(key, tv) & m;
+    if (budget > 0) keep |= take_ties(_mm512_cmpeq_epu64_mask(key, tv) & m, budget);
+    keep &= _mm512_test_epi64_mask(key, key);
+    const __mmask8 wrong = static_cast<__mmask8>(keep ^ _mm512_cmpgt_epu64_mask(key, guessv));
+    const __m512i kept_code = _mm512_mask_blend_epi64(_mm512_test_epi64_mask(entry, sign), two, _mm512_setzero_si512());
+    const __m512i code = _mm512_mask_blend_epi64(static_cast<__mmask8>(keep), one, kept_code);
+    const __m512i change = _mm512_or_si512(_mm512_slli_epi64(_mm512_srli_epi64(entry, 32), 2), code);
+    _mm512_storeu_si512(changes64 + nchanges, _mm512_maskz_compress_epi64(wrong, change));
+    nchanges += _mm_popcnt_u32(wrong);
+  }
+  for (int64_t j = 0; j < nchanges; ++j) changes[j] = static_cast<uint32_t>(changes64[j]);
+  write_code_changes(changes, nchanges, b, packed);
 }
 
 // ---- uniform quantization of a chunk, groups fused ----
@@ -1419,6 +1514,58 @@ float abs_mean_avx512(const T* x, int64_t n) {
   return abs_mean_from_bins(total.lo, n, total.hi);
 }
 
+// The band elements of one call, per scanning thread: each thread appends its
+// chunks' elements to its own buffer and lists its chunks, so the fix-up reads
+// each buffer as one stream. The buffers belong to the calling thread (made in
+// its constructor, used from the workers) and keep their capacity between calls:
+// no page faults on the next call, no clearing.
+template <typename E>
+struct BandBuffers {
+  std::vector<std::vector<E>>& of;              // of[t]: thread t's elements
+  std::vector<int64_t> used;                    // of[t][0, used[t]) hold elements
+  std::vector<std::vector<int64_t>> chunks_of;  // the chunks thread t scanned, in order
+  const int nthreads;
+
+  BandBuffers() : of(calling_thread()), nthreads(at::get_num_threads()) {
+    of.resize(static_cast<size_t>(nthreads));
+    used.assign(static_cast<size_t>(nthreads), 0);
+    chunks_of.resize(static_cast<size_t>(nthreads));
+  }
+  static std::vector<std::vector<E>>& calling_thread() {
+    static thread_local std::vector<std::vector<E>> buffers;
+    return buffers;
+  }
+  // (t, first): the running worker and where a chunk of up to `elements` band
+  // elements starts in its buffer (room for a 64-byte store past them too).
+  std::pair<int, int64_t> open(int64_t elements) {
+    const int t = at::get_thread_num();
+    TORCH_CHECK(t >= 0 && t < nthreads, "deltaops._C: internal error: thread ", t, " of ", nthreads);
+    const int64_t first = used[t], need = first + elements + 64 / static_cast<int64_t>(sizeof(E));
+    if (static_cast<int64_t>(of[t].size()) < need)
+      of[t].resize(std::max(2 * of[t].size(), static_cast<size_t>(need)));
+    return {t, first};
+  }
+  void close(int t, int64_t chunk, int64_t first, int64_t kept) {
+    used[t] = first + kept;
+    chunks_of[t].push_back(chunk);
+  }
+};
+
+// Adds up the chunks in chunk order (one addition per chunk): moments[0..1],
+// and returns (largest key, keys above the band).
+std::pair<uint32_t, int64_t> add_up_chunks(const std::vector<CompeftChunk>& chunks, double* moments) {
+  uint32_t max_key = 0;
+  int64_t above = 0;
+  moments[0] = moments[1] = 0.0;
+  for (const CompeftChunk& c : chunks) {
+    max_key = std::max(max_key, c.max_key);
+    above += c.above;
+    moments[0] += c.s1;
+    moments[1] += c.s2;
+  }
+  return {max_key, above};
+}
+
 // ComPEFT for bf16/fp16 (see compeft_scan): fills `moments` with
 // [sum x, sum x^2, h] (compeft_quantize's contract). When the sample's band
 // misses the k-th largest key, the codes come from the full top-k instead.
@@ -1435,43 +1582,22 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
   uint8_t* out = packed.data_ptr<uint8_t>();
   std::vector<CompeftChunk> chunks(static_cast<size_t>(nchunks));
   std::vector<uint32_t> hist(static_cast<size_t>(nchunks * width), 0u);  // per chunk: hist[key - lo]
-  // Band elements (pattern | offset in the chunk << 16) go to the scanning thread's
-  // buffer, chunk after chunk, with the list of its chunks: the fix-up then reads
-  // each buffer as one stream. The buffers belong to the calling thread and keep
-  // their capacity between calls (no page faults on the next call).
-  static thread_local std::vector<std::vector<uint32_t>> calling_thread_buffers;
-  auto& band_of = calling_thread_buffers;  // the lambdas below run on other threads: capture the object
-  const int nthreads = at::get_num_threads();
-  band_of.resize(static_cast<size_t>(nthreads));
-  std::vector<int64_t> used(static_cast<size_t>(nthreads), 0);  // the buffers only grow: no clearing
-  std::vector<std::vector<int64_t>> chunks_of(static_cast<size_t>(nthreads));
+  BandBuffers<uint32_t> bands;  // pattern | offset in the chunk << 16
   parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
-    const int t = at::get_thread_num();
-    TORCH_CHECK(t >= 0 && t < nthreads, "deltaops._C: internal error: thread ", t, " of ", nthreads);
-    std::vector<uint32_t>& band = band_of[t];
-    const int64_t c = b / kCompeftChunk, first = used[t];
-    if (static_cast<int64_t>(band.size()) < first + kCompeftChunk + 16)
-      band.resize(std::max(2 * band.size(), static_cast<size_t>(first + kCompeftChunk + 16)));
+    const auto [t, first] = bands.open(e - b);
+    const int64_t c = b / kCompeftChunk;
     CompeftChunk& chunk = chunks[c];
-    const int64_t count = compeft_scan<kBF16>(h, b, e, range, out, band.data() + first, &chunk);
-    count_band_keys(band.data() + first, count, range.lo, width, hist.data() + c * width);
+    uint32_t* band = bands.of[t].data() + first;
+    const int64_t count = compeft_scan<kBF16>(h, b, e, range, out, band, &chunk);
+    count_band_keys(band, count, range.lo, width, hist.data() + c * width);
     // Up to an eighth of the chunk is kept aside (at most n / 2 bytes in all); a chunk
     // with more (heavy ties at the threshold) is rewritten from x once it is known.
     chunk.rescan = count > kCompeftChunk / 8;
     chunk.first = first;
     chunk.count = chunk.rescan ? 0 : count;
-    used[t] = first + chunk.count;
-    chunks_of[t].push_back(c);
+    bands.close(t, c, first, chunk.count);
   });
-  uint32_t max_key = 0;
-  int64_t above = 0;
-  moments[0] = moments[1] = 0.0;
-  for (const CompeftChunk& c : chunks) {  // in chunk order: one addition per chunk
-    max_key = std::max(max_key, c.max_key);
-    above += c.above;
-    moments[0] += c.s1;
-    moments[1] += c.s2;
-  }
+  const auto [max_key, above] = add_up_chunks(chunks, moments);
   if (max_key >= (kBF16 ? 0x7F80u : 0x7C00u)) throw_nonfinite(static_cast<const T*>(x.data_ptr()), n, "x");
   // additions per term: in its lane, 2 + 3 levels of vector sums (counted as 2 + 7), one per chunk
   moments[2] = static_cast<double>(kCompeftChunk / 32 + 9 + nchunks);
@@ -1496,17 +1622,106 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
     budget[c] = std::clamp<int64_t>(take - before, 0, ties);
     before += ties;
   }
-  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+  at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
-      for (const int64_t c : chunks_of[t]) {
+      for (const int64_t c : bands.chunks_of[t]) {
         const int64_t b = c * kCompeftChunk, e = std::min(n, b + kCompeftChunk);
         if (chunks[c].rescan)
           compeft_codes_chunk(h, b, e, static_cast<uint16_t>(thr), budget[c], out);
         else
-          compeft_fixup(band_of[t].data() + chunks[c].first, chunks[c].count, b, range.guess,
+          compeft_fixup(bands.of[t].data() + chunks[c].first, chunks[c].count, b, range.guess,
                         static_cast<uint16_t>(thr), budget[c], out);
       }
     }
+  });
+  return packed;
+}
+
+// ComPEFT for fp32 (see compeft_scan32); as compeft_avx512. Falls back to the
+// full top-k when the band misses, or when a chunk holds too many band
+// elements to keep them (heavy ties).
+at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
+  const uint32_t* u = static_cast<const uint32_t*>(x.data_ptr());
+  const int64_t n = x.numel(), nchunks = (n + kCompeftChunk - 1) / kCompeftChunk;
+  constexpr CompeftBand kEmpty{0x10000, 0xFFFF, 0xFFFF};  // above every coarse key: nothing kept, no band
+  CompeftBand range = k > 0 ? compeft_band(u, n, k) : kEmpty;
+  if (nchunks * (range.hi - range.lo + 1) > kMaxBandCells) range = kEmpty;  // full top-k below
+  const int64_t lo = range.lo, width = static_cast<int64_t>(range.hi) - lo + 1;
+  at::Tensor packed = new_output({packed_nbytes(n, 2)}, x.options().dtype(at::kByte));
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  std::vector<CompeftChunk> chunks(static_cast<size_t>(nchunks));
+  std::vector<uint32_t> hist(static_cast<size_t>(nchunks * width), 0u);  // per chunk: hist[coarse key - lo]
+  BandBuffers<uint64_t> bands;  // pattern | offset in the chunk << 32
+  std::atomic<bool> kept_all{true};
+  parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
+    const auto [t, first] = bands.open(e - b);
+    const int64_t c = b / kCompeftChunk;
+    CompeftChunk& chunk = chunks[c];
+    const uint64_t* band = bands.of[t].data() + first;
+    const int64_t count = compeft_scan32(u, b, e, range, out, bands.of[t].data() + first, &chunk);
+    uint32_t* chunk_hist = hist.data() + c * width;
+    if (width > 0)
+      for (int64_t j = 0; j < count; ++j) ++chunk_hist[coarse_key(static_cast<uint32_t>(band[j])) - lo];
+    chunk.first = first;
+    chunk.count = count;
+    if (count > kCompeftChunk / 8) kept_all = false;  // too many to keep: the full top-k below
+    bands.close(t, c, first, count > kCompeftChunk / 8 ? 0 : count);
+  });
+  const auto [max_key, above] = add_up_chunks(chunks, moments);
+  if (max_key >= 0x7F800000u) throw_nonfinite(static_cast<const float*>(x.data_ptr()), n, "x");
+  // additions per term: in its lane, 1 + 3 levels of vector sums (counted as 1 + 7), one per chunk
+  moments[2] = static_cast<double>(kCompeftChunk / 16 + 8 + nchunks);
+  if (k == 0) return packed;
+  if (!kept_all || width == 0) return compeft_pack(x, topk_mask(x, k));
+
+  // the coarse bin of the k-th largest key, then its exact key among the bin's entries
+  std::vector<int64_t> merged(static_cast<size_t>(width), 0);
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int64_t w = 0; w < width; ++w) merged[w] += hist[c * width + w];
+  int64_t coarse = -1, count = above;
+  for (int64_t key = range.hi; count < k && key >= lo; --key) {
+    if (count + merged[key - lo] >= k) {
+      coarse = key;
+      break;
+    }
+    count += merged[key - lo];
+  }
+  if (coarse < 0) return compeft_pack(x, topk_mask(x, k));  // the band missed the k-th key
+  // (each thread's buffer counted on its own, then added up)
+  std::vector<std::vector<int64_t>> fine_of(static_cast<size_t>(bands.nthreads));
+  at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      fine_of[t].assign(0x8000, 0);
+      for (int64_t j = 0; j < bands.used[t]; ++j) {
+        const uint32_t key = static_cast<uint32_t>(bands.of[t][j]) & 0x7FFFFFFFu;
+        if ((key >> 15) == static_cast<uint32_t>(coarse)) ++fine_of[t][key & 0x7FFF];
+      }
+    }
+  });
+  std::vector<int64_t> fine(0x8000, 0);
+  for (const auto& part : fine_of)
+    for (int64_t f = 0; f < 0x8000; ++f) fine[f] += part[f];
+  int64_t low = 0x7FFF;
+  for (; count + fine[low] < k; --low) count += fine[low];
+  const uint32_t thr = (static_cast<uint32_t>(coarse) << 15) | static_cast<uint32_t>(low);
+  const int64_t take = k - count;  // keys equal to thr that are kept, in flat order
+  std::vector<int64_t> budget(static_cast<size_t>(nchunks), 0), ties(static_cast<size_t>(nchunks), 0);
+  at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t)
+      for (const int64_t c : bands.chunks_of[t])
+        for (int64_t j = chunks[c].first; j < chunks[c].first + chunks[c].count; ++j)
+          ties[c] += (static_cast<uint32_t>(bands.of[t][j]) & 0x7FFFFFFFu) == thr;
+  });
+  for (int64_t c = 0, before = 0; c < nchunks; ++c) {
+    budget[c] = std::clamp<int64_t>(take - before, 0, ties[c]);
+    before += ties[c];
+  }
+  const uint32_t guess = (range.guess << 15) | 0x7FFFu;
+  at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t)
+      for (const int64_t c : bands.chunks_of[t])
+        compeft_fixup32(bands.of[t].data() + chunks[c].first, chunks[c].count, c * kCompeftChunk, guess, thr,
+                        budget[c], out);
   });
   return packed;
 }
@@ -1654,11 +1869,12 @@ std::tuple<at::Tensor, at::Tensor> compeft_quantize(const at::Tensor& x, int64_t
     using T = decltype(tag);
     const T* data = static_cast<const T*>(x.data_ptr());
 #if DELTAOPS_QUANT_AVX512
-    if constexpr (!std::is_same_v<T, float>) {
-      if (use_avx512()) {
+    if (use_avx512()) {
+      if constexpr (std::is_same_v<T, float>)
+        packed = compeft_avx512_f32(x, k, m);
+      else
         packed = compeft_avx512<T>(x, k, m);
-        return;
-      }
+      return;
     }
 #endif
     if (!compeft_moments(data, n, m)) throw_nonfinite(data, n, "x");
