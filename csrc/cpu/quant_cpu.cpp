@@ -1657,15 +1657,16 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
     const auto [t, first] = bands.open(e - b);
     const int64_t c = b / kCompeftChunk;
     CompeftChunk& chunk = chunks[c];
-    const uint64_t* band = bands.of[t].data() + first;
-    const int64_t count = compeft_scan32(u, b, e, range, out, bands.of[t].data() + first, &chunk);
+    uint64_t* band = bands.of[t].data() + first;
+    const int64_t count = compeft_scan32(u, b, e, range, out, band, &chunk);
     uint32_t* chunk_hist = hist.data() + c * width;
     if (width > 0)
       for (int64_t j = 0; j < count; ++j) ++chunk_hist[coarse_key(static_cast<uint32_t>(band[j])) - lo];
+    const bool keep = count <= kCompeftChunk / 8;  // else too many to keep: the full top-k below
+    if (!keep) kept_all = false;
     chunk.first = first;
-    chunk.count = count;
-    if (count > kCompeftChunk / 8) kept_all = false;  // too many to keep: the full top-k below
-    bands.close(t, c, first, count > kCompeftChunk / 8 ? 0 : count);
+    chunk.count = keep ? count : 0;
+    bands.close(t, c, first, chunk.count);
   });
   const auto [max_key, above] = add_up_chunks(chunks, moments);
   if (max_key >= 0x7F800000u) throw_nonfinite(static_cast<const float*>(x.data_ptr()), n, "x");
