@@ -183,7 +183,7 @@ def compeft_pack(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def compeft_quantize(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``ref.compeft_quantize``, composed: this backend's top-k mask and pack,
-    the moments summed by torch (``h = n``)."""
+    the moments summed by torch (``ref.fp64_moments``)."""
     ref.check_finite(x)
     return compeft_pack(x, topk_mask(x, k)), ref.fp64_moments(x)
 

@@ -351,11 +351,17 @@ std::tuple<at::Tensor, at::Tensor> compeft_quantize(const at::Tensor& x, int64_t
   check_input(x, "compeft_quantize", "x");
   const c10::cuda::CUDAGuard guard(x.device());
   check_finite(x);
-  // Composed: the top-k kernel, compeft_pack, and torch's fp64 sums (in an order of
-  // torch's own, hence the bound h = n that holds for any order).
+  // Composed: the top-k kernel, compeft_pack, and torch's fp64 sums as in
+  // reference.quant.fp64_moments: rows of a power of two >= sqrt(n) elements, then
+  // the row sums, so h = width + rows whatever order torch adds in.
   const at::Tensor flat = x.reshape(-1).to(at::kDouble);
-  const at::Tensor moments = at::stack({flat.sum(), flat.mul(flat).sum(),
-                                        at::scalar_tensor(static_cast<double>(flat.numel()), flat.options())});
+  const int64_t n = flat.numel();
+  int64_t width = 1;
+  while (width * width < n) width *= 2;
+  const int64_t rows = (n + width - 1) / width;
+  const at::Tensor table = at::constant_pad_nd(flat, {0, rows * width - n}).view({rows, width});
+  const at::Tensor moments = at::stack({table.sum(1).sum(), table.mul(table).sum(1).sum(),
+                                        at::scalar_tensor(static_cast<double>(width + rows), flat.options())});
   return {compeft_pack(x, topk_mask(x, k)), moments};
 }
 
