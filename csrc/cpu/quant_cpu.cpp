@@ -266,13 +266,15 @@ struct AbsBins {
 
 constexpr int64_t kSumBlock = 1 << 14;  // elements summed in one 64-bit lane set (< 2^62)
 
-// Adds |x[0, n)| into bins one element at a time (each to its exponent's bin).
+// Adds |x[0, n)| into bins one element at a time (each to its exponent's bin):
+// every non-zero element whose fp32 exponent is below `below` (all of them by
+// default; a block's window sum passes its own lowest exponent).
 template <typename T>
-void add_abs_each(const T* x, int64_t n, AbsBins& bins) {
+void add_abs_each(const T* x, int64_t n, AbsBins& bins, int32_t below = kExponentBins) {
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
-    const uint32_t ex = u >> 23;
-    bins.add(static_cast<int>(ex), (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
+    const int32_t ex = static_cast<int32_t>(u >> 23);
+    if (ex < below && u != 0u) bins.add(ex, (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
   }
 }
 
@@ -305,13 +307,7 @@ bool add_abs_bins(const T* __restrict x, int64_t b, int64_t e, AbsBins& bins) {
       small |= (!in_window && u != 0u) ? 1u : 0u;
     }
     bins.add(base, sum);
-    if (small) {
-      for (int64_t i = blk; i < end; ++i) {
-        const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
-        const int32_t ex = static_cast<int32_t>(u >> 23);
-        if (ex < base && u != 0u) bins.add(ex, (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
-      }
-    }
+    if (small) add_abs_each(x + blk, end - blk, bins, base);
   }
   return true;
 }
@@ -432,8 +428,9 @@ CompeftBand compeft_band(const U* bits, int64_t n, int64_t k) {
 }
 
 // [sum x, sum x^2, h] of x[0, n) in fp64 (compeft_quantize's moments, for the
-// portable table, which then takes topk_mask and compeft_pack): per chunk 8 lanes, each adding at most kCompeftChunk / 8 terms, a 3-level tree,
-// then the chunks in order. False when x holds NaN or inf (the sums show it:
+// portable table, which then takes topk_mask and compeft_pack): per chunk 8
+// lanes, each adding at most kCompeftChunk / 8 terms, a 3-level tree, then the
+// chunks in order. False when x holds NaN or inf (the sums show it:
 // finite fp32 values cannot overflow them).
 template <typename T>
 bool compeft_moments(const T* x, int64_t n, double* moments) {
@@ -555,6 +552,33 @@ DQ_AVX512 inline void store16(fp16_t* p, __m512 v, __mmask16 m) {
 
 DQ_AVX512 inline __mmask16 first_lanes(int64_t len) {
   return len >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1u);
+}
+
+// The 32 16-bit patterns at p (len >= 32) or the first len of them (lanes past
+// them read 0, and no memory past them is touched); *m gets the lanes read.
+DQ_AVX512 inline __m512i load_patterns32(const uint16_t* p, int64_t len, __mmask32* m) {
+  if (len >= 32) {
+    *m = 0xFFFFFFFFu;
+    return _mm512_loadu_si512(p);
+  }
+  *m = static_cast<__mmask32>((1u << len) - 1u);
+  return _mm512_maskz_loadu_epi16(*m, p);
+}
+
+// Ternary 2-bit codes of the lanes in m (the first `len` elements of a unit of
+// 16 or 32 at out): 2 where kept and not negative, 0 where kept and negative,
+// 1 elsewhere, as a low bit "not kept" and a high bit "kept and positive"
+// interleaved with pdep. The unit's whole bytes, or at the stream's end only
+// the bytes of its `len` codes (padding bits zero).
+DQ_AVX512 inline void store_ternary_codes(uint32_t kept, uint32_t negative, uint32_t m, int64_t len, uint8_t* out) {
+  const uint64_t low = ~kept & m, high = kept & ~negative & m;
+  const uint64_t word = _pdep_u64(low, 0x5555555555555555ull) | _pdep_u64(high, 0xAAAAAAAAAAAAAAAAull);
+  if (len == 32)  // whole units: one fixed-size store (a variable-size copy is a call)
+    std::memcpy(out, &word, 8);
+  else if (len == 16)
+    std::memcpy(out, &word, 4);
+  else
+    std::memcpy(out, &word, static_cast<size_t>((len + 3) / 4));
 }
 
 // ---- codes <-> packed units ----
@@ -695,8 +719,8 @@ DQ_AVX512 bool abs_block_bf16(const bf16_t* x, int64_t n, AbsBins* bins, uint8_t
   const __m512i abs16 = _mm512_set1_epi16(0x7FFF);
   __m512i worst = _mm512_setzero_si512(), least = _mm512_set1_epi16(-1);
   for (int64_t i = 0; i < n; i += 32) {
-    const __mmask32 m = n - i >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (n - i)) - 1u);
-    const __m512i v = m == 0xFFFFFFFFu ? _mm512_loadu_si512(h + i) : _mm512_maskz_loadu_epi16(m, h + i);
+    __mmask32 m;
+    const __m512i v = load_patterns32(h + i, n - i, &m);
     const __m512i a = _mm512_and_si512(v, abs16);
     const __mmask32 nonzero = _mm512_test_epi16_mask(a, a);
     if constexpr (CODES) {  // code 0 where x < 0: sign bit set and |x| != 0
@@ -739,13 +763,8 @@ DQ_AVX512 bool abs_block_bf16(const bf16_t* x, int64_t n, AbsBins* bins, uint8_t
       _mm512_slli_epi64(_mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(hi)),
                                          _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(hi, 1))), 32));
   bins->add(base + 16, static_cast<uint64_t>(_mm512_reduce_add_epi64(sum)));
-  if (least_bits < (static_cast<uint32_t>(base) << 7)) {  // non-zero elements below the window
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
-      const int32_t ex = static_cast<int32_t>(u >> 23);
-      if (ex < base && u != 0u) bins->add(ex, (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
-    }
-  }
+  if (least_bits < (static_cast<uint32_t>(base) << 7))  // non-zero elements below the window
+    add_abs_each(x, n, *bins, base);
   return true;
 }
 
@@ -808,13 +827,8 @@ DQ_AVX512 bool abs_block(const T* x, int64_t n, AbsBins* bins, uint8_t* codes) {
   }
   if (full < n) add16(_mm512_and_si512(load_bits16(x + full, first_lanes(n - full)), absmask));
   bins->add(base, static_cast<uint64_t>(_mm512_reduce_add_epi64(_mm512_add_epi64(acc0, acc1))));
-  if (least_bits < (static_cast<uint32_t>(base) << 23)) {  // non-zero elements below the window
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t u = f32_bits(load_f32(x[i])) & 0x7FFFFFFFu;
-      const int32_t ex = static_cast<int32_t>(u >> 23);
-      if (ex < base && u != 0u) bins->add(ex, (u & 0x7FFFFFu) | (ex ? 0x800000u : 0u));
-    }
-  }
+  if (least_bits < (static_cast<uint32_t>(base) << 23))  // non-zero elements below the window
+    add_abs_each(x, n, *bins, base);
   return true;
 }
 
@@ -858,12 +872,10 @@ DQ_AVX512 void ternary_chunk_bf16(const bf16_t* x, int64_t b, int64_t e, uint32_
   const __m512i tv = _mm512_set1_epi16(static_cast<int16_t>((t_bits + 0xFFFFu) >> 16));
   for (int64_t i = b; i < e; i += 32) {
     const int64_t len = std::min<int64_t>(32, e - i);
-    const __mmask32 m = len == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << len) - 1u);
-    const __m512i v = len == 32 ? _mm512_loadu_si512(h + i) : _mm512_maskz_loadu_epi16(m, h + i);
+    __mmask32 m;
+    const __m512i v = load_patterns32(h + i, len, &m);
     const __mmask32 kept = _mm512_cmpge_epu16_mask(_mm512_and_si512(v, abs16), tv);
-    const uint64_t low = static_cast<uint32_t>(~kept & m), high = static_cast<uint32_t>(kept & ~_mm512_movepi16_mask(v));
-    const uint64_t word = _pdep_u64(low, 0x5555555555555555ull) | _pdep_u64(high, 0xAAAAAAAAAAAAAAAAull);
-    std::memcpy(packed + i / 4, &word, static_cast<size_t>((len + 3) / 4));
+    store_ternary_codes(kept, _mm512_movepi16_mask(v), m, len, packed + i / 4);
   }
 }
 
@@ -871,21 +883,12 @@ template <typename T>
 DQ_AVX512 void ternary_chunk(const T* x, int64_t b, int64_t e, uint32_t t_bits, uint8_t* packed) {
   if constexpr (std::is_same_v<T, bf16_t>) return ternary_chunk_bf16(x, b, e, t_bits, packed);
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), tv = _mm512_set1_epi32(static_cast<int32_t>(t_bits));
-  auto word16 = [&](__m512i u, __mmask16 m) DQ_AVX512 -> uint32_t {
+  for (int64_t i = b; i < e; i += 16) {
+    const int64_t len = std::min<int64_t>(16, e - i);
+    const __mmask16 m = first_lanes(len);
+    const __m512i u = m == 0xFFFF ? load_bits16(x + i) : load_bits16(x + i, m);
     const __mmask16 kept = _mm512_cmpge_epu32_mask(_mm512_and_si512(u, absmask), tv);
-    const __mmask16 neg = _mm512_movepi32_mask(u);
-    const uint32_t low = static_cast<uint32_t>(~kept & m), high = static_cast<uint32_t>(kept & ~neg & m);
-    return _pdep_u32(low, 0x55555555u) | _pdep_u32(high, 0xAAAAAAAAu);
-  };
-  int64_t i = b;
-  for (; i + 16 <= e; i += 16) {
-    const uint32_t word = word16(load_bits16(x + i), 0xFFFF);
-    std::memcpy(packed + i / 4, &word, 4);
-  }
-  if (i < e) {  // the stream's last, partial unit: its bytes only, padding bits zero
-    const __mmask16 m = first_lanes(e - i);
-    const uint32_t word = word16(load_bits16(x + i, m), m);
-    std::memcpy(packed + i / 4, &word, static_cast<size_t>((e - i + 3) / 4));
+    store_ternary_codes(kept, _mm512_movepi32_mask(u), m, len, packed + i / 4);
   }
 }
 
@@ -907,18 +910,6 @@ struct CompeftChunk {
   int64_t first = 0, count = 0;  // its band elements: band[first, first + count) of the thread that scanned it
   bool rescan = false;        // too many band elements to keep aside: rewrite the chunk
 };
-
-// ComPEFT's 2-bit codes of 32 elements: 2 where kept and x > 0, 0 where kept
-// and x < 0, 1 elsewhere (`kept` holds no zero), as a low bit "not kept" and a
-// high bit "kept and positive" interleaved with pdep (as ternary_chunk_bf16).
-DQ_AVX512 inline void store_compeft_codes(__m512i v, uint32_t kept, __mmask32 m, int64_t len, uint8_t* out) {
-  const uint64_t low = static_cast<uint32_t>(~kept & m), high = kept & ~static_cast<uint32_t>(_mm512_movepi16_mask(v));
-  const uint64_t word = _pdep_u64(low, 0x5555555555555555ull) | _pdep_u64(high, 0xAAAAAAAAAAAAAAAAull);
-  if (len == 32)
-    std::memcpy(out, &word, 8);
-  else  // the stream's last, partial unit: its bytes only
-    std::memcpy(out, &word, static_cast<size_t>((len + 3) / 4));
-}
 
 // x[b, e) of a 16-bit type (b a multiple of 32): codes as if `guess` were the
 // threshold into `packed` (guess <= hi), the band's elements (key in [lo, hi]; none when lo > hi)
@@ -944,13 +935,14 @@ DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftB
   int64_t above = 0, nband = 0;
   for (int64_t i = b; i < e; i += 32) {
     const int64_t len = std::min<int64_t>(32, e - i);
-    const __mmask32 m = len == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << len) - 1u);
-    const __m512i v = len == 32 ? _mm512_loadu_si512(h + i) : _mm512_maskz_loadu_epi16(m, h + i);
+    __mmask32 m;
+    const __m512i v = load_patterns32(h + i, len, &m);
     const __m512i a = _mm512_and_si512(v, abs16);  // lanes past e are +0.0: no key, no sum
     kmax = _mm512_max_epu16(kmax, a);
     const uint32_t over = _mm512_cmpgt_epu16_mask(a, hiv);
     above += _mm_popcnt_u32(over);
-    store_compeft_codes(v, _mm512_cmpgt_epu16_mask(a, guessv), m, len, packed + i / 4);  // key > guess: no zero
+    // kept as if key > guess (no zero is: guess >= 0)
+    store_ternary_codes(_mm512_cmpgt_epu16_mask(a, guessv), _mm512_movepi16_mask(v), m, len, packed + i / 4);
     const uint32_t in_band = _mm512_cmpge_epu16_mask(a, lov) & m & ~over;
     __m512 f[2];
     for (int half = 0; half < 2; ++half) {
@@ -1059,12 +1051,13 @@ DQ_AVX512 void compeft_codes_chunk(const uint16_t* h, int64_t b, int64_t e, uint
   const __m512i abs16 = _mm512_set1_epi16(0x7FFF), tv = _mm512_set1_epi16(static_cast<int16_t>(thr));
   for (int64_t i = b; i < e; i += 32) {
     const int64_t len = std::min<int64_t>(32, e - i);
-    const __mmask32 m = len == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << len) - 1u);
-    const __m512i v = len == 32 ? _mm512_loadu_si512(h + i) : _mm512_maskz_loadu_epi16(m, h + i);
+    __mmask32 m;
+    const __m512i v = load_patterns32(h + i, len, &m);
     const __m512i a = _mm512_and_si512(v, abs16);
     uint32_t kept = _mm512_cmpgt_epu16_mask(a, tv) & m;
     if (budget > 0) kept |= take_ties(_mm512_cmpeq_epu16_mask(a, tv) & m, budget);
-    store_compeft_codes(v, kept & _mm512_test_epi16_mask(a, a), m, len, packed + i / 4);  // a kept zero: code 1
+    // a kept zero has code 1 (sign 0)
+    store_ternary_codes(kept & _mm512_test_epi16_mask(a, a), _mm512_movepi16_mask(v), m, len, packed + i / 4);
   }
 }
 
@@ -1099,10 +1092,8 @@ DQ_AVX512 int64_t compeft_scan32(const uint32_t* u, int64_t b, int64_t e, Compef
     kmax = _mm512_max_epu32(kmax, a);
     const __mmask16 over = _mm512_cmpgt_epu32_mask(a, hiv);
     above += _mm_popcnt_u32(over);
-    const uint32_t kept = _mm512_cmpgt_epu32_mask(a, guessv);  // key > guess: no zero
-    const uint32_t low = ~kept & m, high = kept & ~static_cast<uint32_t>(_mm512_movepi32_mask(v));
-    const uint32_t word = _pdep_u32(low, 0x55555555u) | _pdep_u32(high, 0xAAAAAAAAu);
-    std::memcpy(packed + i / 4, &word, static_cast<size_t>(len == 16 ? 4 : (len + 3) / 4));
+    // kept as if key > guess (no zero is: guess >= 0)
+    store_ternary_codes(_mm512_cmpgt_epu32_mask(a, guessv), _mm512_movepi32_mask(v), m, len, packed + i / 4);
     const __mmask16 in_band = _mm512_mask_cmpge_epu32_mask(m & ~over, a, lov);
     for (int half = 0; half < 2; ++half) {
       const __m256i part = half ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
@@ -1130,7 +1121,6 @@ DQ_AVX512 void compeft_fixup32(const uint64_t* band, int64_t count, int64_t b, u
                 guessv = _mm512_set1_epi64(guess), sign = _mm512_set1_epi64(0x80000000),
                 one = _mm512_set1_epi64(1), two = _mm512_set1_epi64(2);
   static_assert(kCompeftChunk / 8 + 16 <= 8208, "a chunk keeps at most kCompeftChunk / 8 band elements");
-  alignas(64) uint64_t changes64[8208];
   alignas(64) uint32_t changes[8208];
   int64_t nchanges = 0;
   for (int64_t j = 0; j < count; j += 8) {
@@ -1144,10 +1134,10 @@ DQ_AVX512 void compeft_fixup32(const uint64_t* band, int64_t count, int64_t b, u
     const __m512i kept_code = _mm512_mask_blend_epi64(_mm512_test_epi64_mask(entry, sign), two, _mm512_setzero_si512());
     const __m512i code = _mm512_mask_blend_epi64(static_cast<__mmask8>(keep), one, kept_code);
     const __m512i change = _mm512_or_si512(_mm512_slli_epi64(_mm512_srli_epi64(entry, 32), 2), code);
-    _mm512_storeu_si512(changes64 + nchanges, _mm512_maskz_compress_epi64(wrong, change));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(changes + nchanges),
+                        _mm512_cvtepi64_epi32(_mm512_maskz_compress_epi64(wrong, change)));
     nchanges += _mm_popcnt_u32(wrong);
   }
-  for (int64_t j = 0; j < nchanges; ++j) changes[j] = static_cast<uint32_t>(changes64[j]);
   write_code_changes(changes, nchanges, b, packed);
 }
 
