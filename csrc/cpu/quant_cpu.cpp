@@ -320,6 +320,25 @@ template <typename T>
                    std::to_string(first) + "); low-bit quantizers need finite values");
 }
 
+// The exact mean |x| of a whole tensor of n elements: integer bins per chunk of
+// 2^18 elements (add_chunk(b, e, bins) adds x[b, e) and returns false on
+// NaN/inf, which clears `finite`), merged in chunk order.
+template <typename AddChunk>
+float whole_abs_mean(int64_t n, std::atomic<bool>& finite, const AddChunk& add_chunk) {
+  const int64_t chunk = int64_t(1) << 18;
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  std::vector<AbsBins> chunk_bins(static_cast<size_t>(std::max<int64_t>(nchunks, 1)));
+  parallel_chunks(n, chunk, [&](int64_t b, int64_t e) {
+    AbsBins& bins = chunk_bins[b / chunk];
+    bins.clear();
+    if (!add_chunk(b, e, bins)) finite = false;
+  });
+  AbsBins total;
+  total.clear();
+  for (int64_t c = 0; c < nchunks; ++c) total.merge(chunk_bins[c]);
+  return abs_mean_from_bins(total.lo, n, total.hi);
+}
+
 // Exact mean |x| of each row (per_row) or of the whole tensor; throws on NaN/inf.
 template <typename T>
 std::vector<float> abs_means(const T* x, int64_t rows, int64_t cols, bool per_row) {
@@ -339,19 +358,11 @@ std::vector<float> abs_means(const T* x, int64_t rows, int64_t cols, bool per_ro
     if (!finite) throw_nonfinite(x, n, "x");
     return means;
   }
-  const int64_t chunk = int64_t(1) << 18;
-  const int64_t nchunks = (n + chunk - 1) / chunk;
-  std::vector<AbsBins> chunk_bins(static_cast<size_t>(std::max<int64_t>(nchunks, 1)));
-  parallel_chunks(n, chunk, [&](int64_t b, int64_t e) {
-    AbsBins& bins = chunk_bins[b / chunk];
-    bins.clear();
-    if (!add_abs_bins(x, b, e, bins)) finite = false;
+  const float mean = whole_abs_mean(n, finite, [&](int64_t b, int64_t e, AbsBins& bins) {
+    return add_abs_bins(x, b, e, bins);
   });
   if (!finite) throw_nonfinite(x, n, "x");
-  AbsBins total;
-  total.clear();
-  for (int64_t c = 0; c < nchunks; ++c) total.merge(chunk_bins[c]);
-  return {abs_mean_from_bins(total.lo, n, total.hi)};
+  return {mean};
 }
 
 // Encode x into `bits`-bit codes, chunk by chunk: code_of(T* x, begin, end, codes) fills
@@ -1016,28 +1027,41 @@ inline void write_code_changes(const uint32_t* changes, int64_t nchanges, int64_
 // those with key > thr, and the first `budget` with key == thr, are kept (code
 // sign(x) + 1; a kept zero has code 1). The scan wrote the codes for
 // key > guess; the decision is made 16 entries at a time and only the codes
-// that differ are rewritten.
-DQ_AVX512 void compeft_fixup(const uint32_t* band, int64_t count, int64_t b, uint16_t guess, uint16_t thr,
-                             int64_t budget, uint8_t* packed) {
-  const __m512i key_mask = _mm512_set1_epi32(0x7FFF), tv = _mm512_set1_epi32(thr),
-                guessv = _mm512_set1_epi32(guess), sign = _mm512_set1_epi32(0x8000),
-                offset_bits = _mm512_set1_epi32(0xFFFF << 2), one = _mm512_set1_epi32(1),
+// that differ are rewritten. Entries: pattern | offset << 16 for bf16/fp16
+// (uint32), pattern | offset << 32 for fp32 (uint64); both are split into 16
+// 32-bit patterns and offsets for the decision.
+template <typename E>
+DQ_AVX512 void compeft_fixup(const E* band, int64_t count, int64_t b, uint32_t guess, uint32_t thr, int64_t budget,
+                             uint8_t* packed) {
+  constexpr uint32_t kSign = sizeof(E) == 4 ? 0x8000u : 0x80000000u;
+  const __m512i key_mask = _mm512_set1_epi32(static_cast<int32_t>(kSign - 1)),
+                sign = _mm512_set1_epi32(static_cast<int32_t>(kSign)), tv = _mm512_set1_epi32(static_cast<int32_t>(thr)),
+                guessv = _mm512_set1_epi32(static_cast<int32_t>(guess)), one = _mm512_set1_epi32(1),
                 two = _mm512_set1_epi32(2);
-  // decide 16 entries at a time; the changes (offset << 2 | new code) in order
   static_assert(kCompeftChunk / 8 + 16 <= 8208, "a chunk keeps at most kCompeftChunk / 8 band elements");
-  alignas(64) uint32_t changes[8208];
+  alignas(64) uint32_t changes[8208];  // offset << 2 | new code, in flat order
   int64_t nchanges = 0;
   for (int64_t j = 0; j < count; j += 16) {
     const __mmask16 m = first_lanes(count - j);
-    const __m512i entry = _mm512_maskz_loadu_epi32(m, band + j);
-    const __m512i key = _mm512_and_si512(entry, key_mask);
+    __m512i pattern, offset;
+    if constexpr (sizeof(E) == 4) {
+      pattern = _mm512_maskz_loadu_epi32(m, band + j);
+      offset = _mm512_srli_epi32(pattern, 16);
+    } else {
+      const __m512i lo = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(m), band + j);
+      const __m512i hi = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(m >> 8), band + j + 8);
+      pattern = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+      offset = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(_mm512_srli_epi64(lo, 32))),
+                                  _mm512_cvtepi64_epi32(_mm512_srli_epi64(hi, 32)), 1);
+    }
+    const __m512i key = _mm512_and_si512(pattern, key_mask);
     uint32_t keep = _mm512_cmpgt_epu32_mask(key, tv) & m;
     if (budget > 0) keep |= take_ties(_mm512_cmpeq_epu32_mask(key, tv) & m, budget);
     keep &= _mm512_test_epi32_mask(key, key);
     const __mmask16 wrong = static_cast<__mmask16>(keep ^ _mm512_cmpgt_epu32_mask(key, guessv));
-    const __m512i kept_code = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(entry, sign), two, _mm512_setzero_si512());
+    const __m512i kept_code = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(pattern, sign), two, _mm512_setzero_si512());
     const __m512i code = _mm512_mask_blend_epi32(static_cast<__mmask16>(keep), one, kept_code);
-    const __m512i change = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(entry, 14), offset_bits), code);
+    const __m512i change = _mm512_or_si512(_mm512_slli_epi32(offset, 2), code);
     _mm512_storeu_si512(changes + nchanges, _mm512_maskz_compress_epi32(wrong, change));
     nchanges += _mm_popcnt_u32(wrong);
   }
@@ -1112,33 +1136,6 @@ DQ_AVX512 int64_t compeft_scan32(const uint32_t* u, int64_t b, int64_t e, Compef
   out->above = above;
   out->max_key = static_cast<uint32_t>(_mm512_reduce_max_epu32(kmax));
   return nband;
-}
-
-// compeft_fixup for fp32 entries (pattern | offset << 32) and full 31-bit keys.
-DQ_AVX512 void compeft_fixup32(const uint64_t* band, int64_t count, int64_t b, uint32_t guess, uint32_t thr,
-                               int64_t budget, uint8_t* packed) {
-  const __m512i key_mask = _mm512_set1_epi64(0x7FFFFFFF), tv = _mm512_set1_epi64(thr),
-                guessv = _mm512_set1_epi64(guess), sign = _mm512_set1_epi64(0x80000000),
-                one = _mm512_set1_epi64(1), two = _mm512_set1_epi64(2);
-  static_assert(kCompeftChunk / 8 + 16 <= 8208, "a chunk keeps at most kCompeftChunk / 8 band elements");
-  alignas(64) uint32_t changes[8208];
-  int64_t nchanges = 0;
-  for (int64_t j = 0; j < count; j += 8) {
-    const __mmask8 m = static_cast<__mmask8>(count - j >= 8 ? 0xFF : (1u << (count - j)) - 1u);
-    const __m512i entry = _mm512_maskz_loadu_epi64(m, band + j);
-    const __m512i key = _mm512_and_si512(entry, key_mask);
-    uint32_t keep = _mm512_cmpgt_epu64_mask(key, tv) & m;
-    if (budget > 0) keep |= take_ties(_mm512_cmpeq_epu64_mask(key, tv) & m, budget);
-    keep &= _mm512_test_epi64_mask(key, key);
-    const __mmask8 wrong = static_cast<__mmask8>(keep ^ _mm512_cmpgt_epu64_mask(key, guessv));
-    const __m512i kept_code = _mm512_mask_blend_epi64(_mm512_test_epi64_mask(entry, sign), two, _mm512_setzero_si512());
-    const __m512i code = _mm512_mask_blend_epi64(static_cast<__mmask8>(keep), one, kept_code);
-    const __m512i change = _mm512_or_si512(_mm512_slli_epi64(_mm512_srli_epi64(entry, 32), 2), code);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(changes + nchanges),
-                        _mm512_cvtepi64_epi32(_mm512_maskz_compress_epi64(wrong, change)));
-    nchanges += _mm_popcnt_u32(wrong);
-  }
-  write_code_changes(changes, nchanges, b, packed);
 }
 
 // ---- uniform quantization of a chunk, groups fused ----
@@ -1468,18 +1465,9 @@ std::vector<float> sign_avx512(const T* x, int64_t rows, int64_t cols, bool per_
     if (!fused)
       parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) { abs_range(x + b, e - b, nullptr, out + b / 8); });
   } else {
-    const int64_t chunk = int64_t(1) << 18;
-    const int64_t nchunks = (n + chunk - 1) / chunk;
-    std::vector<AbsBins> chunk_bins(static_cast<size_t>(std::max<int64_t>(nchunks, 1)));
-    parallel_chunks(n, chunk, [&](int64_t b, int64_t e) {
-      AbsBins& bins = chunk_bins[b / chunk];
-      bins.clear();
-      if (!abs_range(x + b, e - b, &bins, out + b / 8)) finite = false;
-    });
-    AbsBins total;
-    total.clear();
-    for (int64_t c = 0; c < nchunks; ++c) total.merge(chunk_bins[c]);
-    means.push_back(abs_mean_from_bins(total.lo, n, total.hi));
+    means.push_back(whole_abs_mean(n, finite, [&](int64_t b, int64_t e, AbsBins& bins) {
+      return abs_range(x + b, e - b, &bins, out + b / 8);  // chunks of 2^18: whole bytes of the signs
+    }));
   }
   if (!finite) throw_nonfinite(x, n, "x");
   return means;
@@ -1489,19 +1477,11 @@ std::vector<float> sign_avx512(const T* x, int64_t rows, int64_t cols, bool per_
 template <typename T>
 float abs_mean_avx512(const T* x, int64_t n) {
   std::atomic<bool> finite{true};
-  const int64_t chunk = int64_t(1) << 18;
-  const int64_t nchunks = (n + chunk - 1) / chunk;
-  std::vector<AbsBins> chunk_bins(static_cast<size_t>(std::max<int64_t>(nchunks, 1)));
-  parallel_chunks(n, chunk, [&](int64_t b, int64_t e) {
-    AbsBins& bins = chunk_bins[b / chunk];
-    bins.clear();
-    if (!abs_range(x + b, e - b, &bins, nullptr)) finite = false;
+  const float mean = whole_abs_mean(n, finite, [&](int64_t b, int64_t e, AbsBins& bins) {
+    return abs_range(x + b, e - b, &bins, nullptr);
   });
   if (!finite) throw_nonfinite(x, n, "x");
-  AbsBins total;
-  total.clear();
-  for (int64_t c = 0; c < nchunks; ++c) total.merge(chunk_bins[c]);
-  return abs_mean_from_bins(total.lo, n, total.hi);
+  return mean;
 }
 
 // The band elements of one call, per scanning thread: each thread appends its
@@ -1620,7 +1600,7 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
           compeft_codes_chunk(h, b, e, static_cast<uint16_t>(thr), budget[c], out);
         else
           compeft_fixup(bands.of[t].data() + chunks[c].first, chunks[c].count, b, range.guess,
-                        static_cast<uint16_t>(thr), budget[c], out);
+                        static_cast<uint32_t>(thr), budget[c], out);
       }
     }
   });
@@ -1711,7 +1691,7 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t)
       for (const int64_t c : bands.chunks_of[t])
-        compeft_fixup32(bands.of[t].data() + chunks[c].first, chunks[c].count, c * kCompeftChunk, guess, thr,
+        compeft_fixup(bands.of[t].data() + chunks[c].first, chunks[c].count, c * kCompeftChunk, guess, thr,
                         budget[c], out);
   });
   return packed;
