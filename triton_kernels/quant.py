@@ -172,9 +172,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def compeft_pack(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``ref.compeft_pack``, composed: the int8 codes by torch ops, packed by the
     encode kernel (no kernel of its own yet)."""
-    if keep.dtype != torch.bool or keep.numel() != x.numel():
-        raise ValueError(f"keep must be a bool tensor of x's {x.numel()} elements, got "
-                         f"{keep.dtype} with {keep.numel()}")
+    ref.check_keep(x, keep)
     codes = torch.sign(x.reshape(-1)).to(torch.int8)
     codes.mul_(keep.reshape(-1)).add_(ref.TERNARY_ZERO)
     flat = codes.view(torch.uint8)

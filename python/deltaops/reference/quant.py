@@ -186,6 +186,15 @@ def check_finite(x: torch.Tensor, name: str = "x") -> None:
 # ---- exact means ---------------------------------------------------------------------------
 
 
+def fp32_fields(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(negative, e, m)`` of x's values as fp32, flat: the sign, the biased
+    exponent ``e`` and the significand ``m`` with its implicit bit (none for
+    ``e = 0``), int64; ``|x| = m * 2^(max(e, 1) - 150)``."""
+    bits = x.float().reshape(-1).view(torch.int32).to(torch.int64)
+    exponent = (bits >> 23) & 0xFF
+    return bits < 0, exponent, (bits & 0x7FFFFF) | torch.where(exponent > 0, 0x800000, 0)
+
+
 def exact_abs_sums(x: torch.Tensor, per_row: bool) -> torch.Tensor:
     """Per-exponent integer sums of the fp32 significands of ``|x|``: int64 ``(R, 256)``.
 
@@ -194,12 +203,10 @@ def exact_abs_sums(x: torch.Tensor, per_row: bool) -> torch.Tensor:
     with its implicit bit (none for ``e = 0``). Integer sums: no order.
     """
     rows, cols = rows_and_cols(x.shape)
-    u = x.float().reshape(-1).view(torch.int32).to(torch.int64) & 0x7FFFFFFF
-    exponent = u >> 23
-    significand = (u & 0x7FFFFF) | torch.where(exponent > 0, 0x800000, 0)
+    _, exponent, significand = fp32_fields(x)
     nrows = rows if per_row else 1
-    row_of = (torch.arange(u.numel(), device=x.device) // max(cols, 1)) if per_row else \
-        torch.zeros_like(u)
+    row_of = (torch.arange(exponent.numel(), device=x.device) // max(cols, 1)) if per_row else \
+        torch.zeros_like(exponent)
     bins = torch.zeros(nrows * 256, dtype=torch.int64, device=x.device)
     bins.scatter_add_(0, row_of * 256 + exponent, significand)
     return bins.reshape(nrows, 256)
@@ -276,21 +283,28 @@ def compeft_codes(x: torch.Tensor, density: float) -> torch.Tensor:
     gets code ``sign(x) + 1`` (``torch.sign``: 0 for a zero), the others 1.
     """
     check_finite(x)
-    keep = topk_mask(x, int(density * x.numel())).reshape(-1)
+    return _compeft_code_values(x, topk_mask(x, int(density * x.numel())))
+
+
+def _compeft_code_values(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """uint8 ``sign(x) + 1`` where ``keep``, 1 elsewhere (flat)."""
     sign = torch.sign(x.reshape(-1)).to(torch.int64)
-    return torch.where(keep, sign + 1, TERNARY_ZERO).to(torch.uint8)
+    return torch.where(keep.reshape(-1), sign + 1, TERNARY_ZERO).to(torch.uint8)
 
 
 def compeft_pack(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The packed 2-bit ComPEFT codes of finite ``x`` given its kept mask: code
     ``sign(x) + 1`` where ``keep`` (``torch.sign``: 0 for a zero), 1 elsewhere
     (:func:`compeft_codes` with the top-k mask already chosen)."""
+    check_keep(x, keep)
+    return pack_bits(_compeft_code_values(x, keep), 2)
+
+
+def check_keep(x: torch.Tensor, keep: torch.Tensor) -> None:
+    """compeft_pack's mask: bool, one entry per element of ``x``."""
     if keep.dtype != torch.bool or keep.numel() != x.numel():
         raise ValueError(f"keep must be a bool tensor of x's {x.numel()} elements, got "
                          f"{keep.dtype} with {keep.numel()}")
-    sign = torch.sign(x.reshape(-1)).to(torch.int64)
-    codes = torch.where(keep.reshape(-1), sign + 1, TERNARY_ZERO).to(torch.uint8)
-    return pack_bits(codes, 2)
 
 
 def compeft_quantize(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,12 +364,10 @@ def exact_moment_sums(x: torch.Tensor) -> tuple[int, int]:
     flat = x.reshape(-1)
     i1 = i2 = 0
     for start in range(0, flat.numel(), _EXACT_CHUNK):
-        bits = flat[start:start + _EXACT_CHUNK].float().view(torch.int32).to(torch.int64)
-        exponent = (bits >> 23) & 0xFF
-        m = (bits & 0x7FFFFF) | torch.where(exponent > 0, 0x800000, 0)
+        negative, exponent, m = fp32_fields(flat[start:start + _EXACT_CHUNK])
         exponent = exponent.clamp(min=1)
         high, low = m >> 12, m & 0xFFF
-        columns = torch.stack([torch.where(bits < 0, -m, m), high * high, high * low, low * low])
+        columns = torch.stack([torch.where(negative, -m, m), high * high, high * low, low * low])
         bins = torch.zeros(4, 256, dtype=torch.int64, device=x.device)
         bins.index_add_(1, exponent, columns)
         for e, (s, hh, hl, ll) in enumerate(zip(*bins.cpu().tolist())):
@@ -424,9 +436,10 @@ def std_from_moments(n: int, s1: float, s2: float, depth: float):
     """
     if n < 2:
         return 0.0
-    hu = Fraction(int(depth)) / (1 << 53)
-    if int(depth) != depth or depth < 0 or hu >= Fraction(1, 2) or not (math.isfinite(s1) and
-                                                                       math.isfinite(s2)):
+    if not all(math.isfinite(v) for v in (s1, s2, depth)) or depth < 0 or depth != int(depth):
+        return None
+    hu = Fraction(int(depth), 1 << 53)
+    if hu >= Fraction(1, 2):
         return None
     g = hu / (1 - hu)
     sum1, sum2 = Fraction(s1), Fraction(s2)
