@@ -52,6 +52,7 @@
 #include "deltaops/merge_select.h"  // top-k thresholds from the delta-key histograms
 #include "deltaops/philox.h"  // philox_word, uniform_from_word (della on strided rows)
 #include "f16_blocks.h"
+#include "chunk_loop.h"
 #include "sparse_cpu.h"
 
 namespace deltaops {
@@ -66,28 +67,14 @@ using merge_select::Thr;
 using merge_select::thr_from;
 constexpr int kBins0 = 1 << 15, kBins1 = 1 << 16;
 
-// f(slot, chunk) for chunk in [0, nchunks), chunks handed out dynamically.
+// f(slot, c) for every chunk c in [0, nchunks) of `chunk_elems` elements, as
+// ChunkLoop hands them out (runs of consecutive chunks).
 template <typename F>
-void for_chunks(int64_t nchunks, int64_t& slots_out, const F& f) {
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(threads, nchunks));
-  slots_out = slots;
-  if (nchunks == 0) return;
-  if (slots == 1) {
-    for (int64_t c = 0; c < nchunks; ++c) f(int64_t(0), c);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, slots, 1, [&](int64_t sb, int64_t se) {
-    for (int64_t slot = sb; slot < se; ++slot)
-      for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) f(slot, c);
-  });
+void for_chunks(int64_t nchunks, int64_t chunk_elems, const F& f) {
+  ChunkLoop(nchunks, 1, kRunItems / chunk_elems).run([&](int64_t slot, int64_t c, int64_t) { f(slot, c); });
 }
 
-int64_t num_slots(int64_t nchunks) {
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  return std::max<int64_t>(1, std::min<int64_t>(threads, nchunks));
-}
+int64_t num_slots(int64_t nchunks) { return ChunkLoop(nchunks, 1).slots(); }
 
 // ---- vector helpers (AVX2 is in the x86-64-v3 baseline) ------------------------------
 
@@ -186,8 +173,7 @@ bool delta_histogram(const T* b, const T* m, int64_t n, int level, uint32_t pref
   const int64_t slots = num_slots(nchunks);
   std::vector<std::vector<uint32_t>> hist(slots);
   std::vector<uint8_t> nan(slots, 0);
-  int64_t unused;
-  for_chunks(nchunks, unused, [&](int64_t slot, int64_t c) {
+  for_chunks(nchunks, kChunk * 16, [&](int64_t slot, int64_t c) {
     std::vector<uint32_t>& h = hist[slot];
     if (h.empty()) h.assign(bins, 0u);
     const int64_t begin = c * kChunk * 16, end = std::min(n, begin + kChunk * 16);
@@ -413,8 +399,7 @@ void count_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
   if (items.empty()) return;
   const int64_t nc = plan.nchunks;
   plan.before.assign(static_cast<size_t>(plan.ncounted) * (nc + 1), 0);
-  int64_t unused;
-  for_chunks(nc, unused, [&](int64_t, int64_t c) {
+  for_chunks(nc, kChunk, [&](int64_t, int64_t c) {
     const int64_t begin = c * kChunk, end = std::min(plan.n, begin + kChunk);
     for (const Item& it : items) {
       plan.before[static_cast<size_t>(it.index) * (nc + 1) + c + 1] =
@@ -493,8 +478,7 @@ void norm_pass(Plan& plan, const T* b, const std::vector<const T*>& ms) {
   // per chunk, per model: (norm of d, norm of masked)
   std::vector<double> part(static_cast<size_t>(nc) * nw * 2, 0.0);
   std::vector<Scratch> scratch(num_slots(nc));
-  int64_t unused;
-  for_chunks(nc, unused, [&](int64_t slot, int64_t c) {
+  for_chunks(nc, kChunk, [&](int64_t slot, int64_t c) {
     Scratch& sc = scratch[slot];
     sc.init(plan.nmodels);
     init_states(plan, c, sc);
@@ -617,8 +601,7 @@ void merge_pass(const Plan& plan, const MergeOpts& o, const T* b, const std::vec
     all_dense = all_dense && plan.cfg[i].mode == kDense;
   }
   std::vector<Scratch> scratch(num_slots(nc));
-  int64_t unused;
-  for_chunks(nc, unused, [&](int64_t slot, int64_t c) {
+  for_chunks(nc, kChunk, [&](int64_t slot, int64_t c) {
     Scratch& sc = scratch[slot];
     sc.init(N);
     init_states(plan, c, sc);
@@ -907,8 +890,7 @@ void della_norm_pass(Plan& plan, const RowGeom& g, const std::vector<float>& ran
   const size_t nw = which.size();
   std::vector<double> part(static_cast<size_t>(nc) * nw * 2, 0.0);
   std::vector<DellaScratch> scratch(num_slots(nc));
-  int64_t unused;
-  for_chunks(nc, unused, [&](int64_t slot, int64_t c) {
+  for_chunks(nc, kChunk, [&](int64_t slot, int64_t c) {
     DellaScratch& sc = scratch[slot];
     sc.init(g.n, plan.nmodels, false);
     const int64_t r_end = std::min(g.nrows, (c + 1) * g.rows_per_chunk);
@@ -938,8 +920,7 @@ void della_merge_pass(const Plan& plan, const RowGeom& g, const std::vector<floa
   const int64_t nc = g.nchunks, n = g.n;
   const int N = plan.nmodels;
   std::vector<DellaScratch> scratch(num_slots(nc));
-  int64_t unused;
-  for_chunks(nc, unused, [&](int64_t slot, int64_t c) {
+  for_chunks(nc, kChunk, [&](int64_t slot, int64_t c) {
     DellaScratch& sc = scratch[slot];
     sc.init(n, N, o.consensus);
     const int64_t r_end = std::min(g.nrows, (c + 1) * g.rows_per_chunk);
@@ -996,8 +977,7 @@ void linear_pass(const std::vector<const T*>& ms, const std::vector<float>& w, b
   const int N = static_cast<int>(ms.size());
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   std::vector<std::vector<float>> scratch(num_slots(nchunks));
-  int64_t unused;
-  for_chunks(nchunks, unused, [&](int64_t slot, int64_t c) {
+  for_chunks(nchunks, kChunk, [&](int64_t slot, int64_t c) {
     std::vector<float>& res = scratch[slot];
     if (res.empty()) res.resize(kBlock);
     const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);

@@ -47,6 +47,7 @@
 
 #include "deltaops/bits.h"
 #include "deltaops/quant.h"
+#include "chunk_loop.h"
 #include "sparse_cpu.h"
 
 namespace deltaops {
@@ -102,28 +103,6 @@ std::pair<int64_t, int64_t> rows_cols(const at::Tensor& t, const char* name) {
     throw ValueError(std::string(name) + " must have at least one dimension (the input dimension is the last)");
   const int64_t cols = t.size(-1);
   return {cols ? t.numel() / cols : 0, cols};
-}
-
-// f(begin, end) over chunks of [0, n) of `chunk` items. The chunks are handed
-// out one at a time from a shared counter: on a busy machine a thread that is
-// descheduled does not hold the others back (a static split made 2-thread
-// runs several times slower than 1-thread ones there). Every chunk's result
-// depends only on the chunk, so which thread runs it never shows.
-template <typename F>
-void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
-  const int64_t nchunks = (n + chunk - 1) / chunk;
-  if (nchunks == 0) return;
-  if (nchunks == 1) {
-    f(int64_t(0), n);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  const int64_t tasks = std::min<int64_t>(nchunks, at::get_num_threads());
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < nchunks;
-         c = next.fetch_add(1, std::memory_order_relaxed))
-      f(c * chunk, std::min(n, (c + 1) * chunk));
-  });
 }
 
 // ---- packed streams -------------------------------------------------------------------------

@@ -26,6 +26,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "chunk_loop.h"
 #include "kernels.h"
 
 namespace deltaops {
@@ -78,49 +79,6 @@ const Kernels& K() {
     g_kernels.store(table, std::memory_order_release);
   }
   return *table;
-}
-
-// ---- threading ------------------------------------------------------------------------
-
-// Calls f(slot, begin, end) for consecutive chunks [begin, end) of [0, n) of
-// `chunk` items (the last one shorter), from up to at::get_num_threads()
-// threads; `slot` in [0, slots()) identifies the calling task (for per-thread
-// scratch). Chunks are handed out dynamically.
-class DynamicFor {
- public:
-  DynamicFor(int64_t n, int64_t chunk) : n_(n), chunk_(chunk < 1 ? 1 : chunk) {
-    nchunks_ = (n_ + chunk_ - 1) / chunk_;
-    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-    slots_ = std::max<int64_t>(1, std::min<int64_t>(threads, nchunks_));
-  }
-  int64_t slots() const { return slots_; }
-
-  template <typename F>
-  void run(const F& f) const {
-    if (nchunks_ == 0) return;
-    if (slots_ == 1) {
-      for (int64_t c = 0; c < nchunks_; ++c) f(int64_t(0), c * chunk_, std::min(n_, (c + 1) * chunk_));
-      return;
-    }
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, slots_, 1, [&](int64_t slot_begin, int64_t slot_end) {
-      for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
-        for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < nchunks_;
-             c = next.fetch_add(1, std::memory_order_relaxed)) {
-          f(slot, c * chunk_, std::min(n_, (c + 1) * chunk_));
-        }
-      }
-    });
-  }
-
- private:
-  int64_t n_, chunk_, nchunks_, slots_;
-};
-
-// f(begin, end) over chunks of [0, n).
-template <typename F>
-void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
-  DynamicFor(n, chunk).run([&](int64_t, int64_t b, int64_t e) { f(b, e); });
 }
 
 // ---- argument checks ---------------------------------------------------------------
@@ -195,7 +153,7 @@ bool histogram_into(const Kernels& k, HistKind kind, const void* data, int64_t n
   // count could pass 2^31, and at the end.
   const int64_t chunk = int64_t(1) << 20;
   const int nsub = n >= (int64_t(1) << 16) ? (kind == HistKind::k32Level1 ? 2 : 4) : 1;
-  DynamicFor loop(n, chunk);
+  ChunkLoop loop(n, chunk);
   struct Scratch {
     std::vector<uint32_t> sub;
     std::vector<int64_t> total;
