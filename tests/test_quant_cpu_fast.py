@@ -235,8 +235,12 @@ def test_apply_large_and_odd_shapes(isa, wdtype):
         if wdtype != torch.float32:  # sums that round to inf or to subnormals in the 16-bit types
             big = torch.finfo(wdtype).max
             flat[6:10] = torch.tensor([big, -big, torch.finfo(wdtype).tiny, 0.5]).to(wdtype)
+        # whole 16-element units of subnormal weights, which alpha = 1e-36 keeps subnormal
+        # (the stores' rounding of subnormal fp32 sums)
+        tiny = torch.finfo(wdtype).tiny
+        flat[32:96] = (torch.randn(64, generator=g) * tiny / 4).to(wdtype)
         for delta in deltas:
-            for alpha in (-0.75, 1e4):
+            for alpha in (-0.75, 1e4, 1e-36):
                 w_ref = weight.clone()
                 ref.apply_quantized_(w_ref, delta.packed, delta.scales, delta.zeros, delta.bits,
                                      delta.group_size, alpha)

@@ -515,28 +515,28 @@ DQ_AVX512 inline __m512 load16(const T* p, __mmask16 m) { return _mm512_castsi51
 
 // fp32 -> storage, rounding to nearest even as store_from_f32 does.
 DQ_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-DQ_AVX512 inline __mmask16 nan_lanes(__m512i u) {
-  return _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
-                                 _mm512_set1_epi32(0x7F800000));
-}
 DQ_AVX512 inline void store16(bf16_t* p, __m512 v, __mmask16 m) {
   // f32_to_bf16: (u + 0x7FFF + ((u >> 16) & 1)) >> 16; NaN -> sign | 0x7FC0
+  // (NaN is rare: tested once, then a second pass for it)
   const __m512i u = _mm512_castps_si512(v);
   const __m512i hi = _mm512_srli_epi32(u, 16);
   const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(hi, _mm512_set1_epi32(1)));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  const __m512i qnan = _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7FC0));
-  r = _mm512_mask_blend_epi32(nan_lanes(u), r, qnan);
+  const __mmask16 nan = _mm512_fpclass_ps_mask(v, 0x81);  // QNaN | SNaN
+  if (__builtin_expect(nan != 0, 0))
+    r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32(0x8000)),
+                                                        _mm512_set1_epi32(0x7FC0)));
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
 }
 DQ_AVX512 inline void store16(fp16_t* p, __m512 v, __mmask16 m) {
   // vcvtps2ph with round-to-nearest-even is f32_to_fp16 on every non-NaN value
   // (subnormal results and overflow to inf included); NaN -> sign | 0x7E00 as there.
-  const __m512i u = _mm512_castps_si512(v);
-  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512i qnan = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000)),
-                                       _mm512_set1_epi32(0x7E00));
-  const __m256i r = _mm256_mask_blend_epi16(nan_lanes(u), h, _mm512_cvtepi32_epi16(qnan));
+  __m256i r = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 nan = _mm512_fpclass_ps_mask(v, 0x81);  // QNaN | SNaN (rare: tested once)
+  if (__builtin_expect(nan != 0, 0)) {
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x8000));
+    r = _mm256_mask_blend_epi16(nan, r, _mm512_cvtepi32_epi16(_mm512_or_si512(sign, _mm512_set1_epi32(0x7E00))));
+  }
   _mm256_mask_storeu_epi16(p, m, r);
 }
 
@@ -593,6 +593,36 @@ DQ_AVX512 inline void pack16(__m512i q, uint8_t* out) {
   }
 }
 
+// 64 codes (four units, int32 lanes, each < 2^BITS) -> their 8 * BITS bytes,
+// for BITS = 2, 3 or 4, with fewer operations than four pack16 calls:
+// saturating packs put each run of four consecutive codes in one byte
+// quadruple (dword 4 L + k holds codes 16 k + 4 L .. + 3), one multiply-add
+// pair joins each quadruple into a 4 * BITS bit field, a dword permutation
+// restores element order, and the fields are narrowed into bytes.
+template <int BITS>
+DQ_AVX512 inline void pack64(__m512i q0, __m512i q1, __m512i q2, __m512i q3, uint8_t* out) {
+  static_assert(BITS >= 2 && BITS <= 4, "pack64 packs 2- to 4-bit codes");
+  const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(q0, q1), _mm512_packs_epi32(q2, q3));
+  // c0 + c1 << BITS per byte pair, then per word pair: a 4 * BITS bit field per dword
+  const __m512i pairs = _mm512_maddubs_epi16(bytes, _mm512_set1_epi16(int16_t(1 | (1 << (8 + BITS)))));
+  const __m512i fields = _mm512_madd_epi16(pairs, _mm512_set1_epi32(1 | (1 << (16 + 2 * BITS))));
+  const __m512i ordered = _mm512_permutexvar_epi32(
+      _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), fields);
+  if constexpr (BITS == 2) {  // one byte per field
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(ordered));
+  } else if constexpr (BITS == 4) {  // two bytes per field
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(ordered));
+  } else {  // two 12-bit fields per 3 bytes
+    const __m512i joined = _mm512_or_si512(ordered, _mm512_srli_epi64(ordered, 20));
+    const __m256i threes = _mm256_shuffle_epi8(
+        _mm512_cvtepi64_epi32(joined),
+        _mm256_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1,
+                         0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
+    const __m256i packed = _mm256_permutevar8x32_epi32(threes, _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 7, 7));
+    _mm256_mask_storeu_epi8(out, 0x00FFFFFF, packed);
+  }
+}
+
 // The 16 codes of a unit (2 * BITS bytes) as int32 lanes, without a
 // round trip through memory: the unit's bytes in every 128-bit lane, code j's two bytes
 // (byte (BITS * j) / 8 and the next) shuffled into lane j, shifted right by
@@ -611,7 +641,7 @@ struct Unpacker {
     shift = _mm512_load_si512(sh);
     mask = _mm512_set1_epi32((1 << BITS) - 1);
   }
-  DQ_AVX512 inline __m512i operator()(const uint8_t* in) const {
+  DQ_AVX512 inline __m512i bits_from(const uint8_t* in) const {
     if constexpr (BITS == 8) {
       return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
     } else {
@@ -633,8 +663,14 @@ struct Unpacker {
         }
       }
       const __m512i lanes = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(bytes), ctrl);
-      return _mm512_and_si512(_mm512_srlv_epi32(lanes, shift), mask);
+      return _mm512_srlv_epi32(lanes, shift);
     }
+  }
+  // The codes with the bits of the next ones above them (BITS < 8): enough
+  // for a table lookup that reads an index's low 4 bits (apply_table).
+  DQ_AVX512 inline __m512i unmasked(const uint8_t* in) const { return bits_from(in); }
+  DQ_AVX512 inline __m512i operator()(const uint8_t* in) const {
+    return BITS == 8 ? bits_from(in) : _mm512_and_si512(bits_from(in), mask);
   }
 };
 
@@ -1262,6 +1298,14 @@ DQ_AVX512 void uniform_chunk(const T* x, int64_t b, int64_t e, int64_t cols, int
     if (cur.end - i >= len) {  // whole units in this group
       const int64_t lim = std::min(cur.end, e);
       const __m512 sv = _mm512_set1_ps(ls[k]), zv = _mm512_set1_ps(lz[k]);
+      if constexpr (BITS <= 4) {
+        for (; i + 64 <= lim; i += 64) {
+          for (int u = 0; u < 64; u += 16) prefetch16(x, i + u + ahead, 1);
+          pack64<BITS>(code16(load16(x + i), sv, zv, mv), code16(load16(x + i + 16), sv, zv, mv),
+                       code16(load16(x + i + 32), sv, zv, mv), code16(load16(x + i + 48), sv, zv, mv),
+                       packed + (i / 8) * BITS);
+        }
+      }
       for (; i + 16 <= lim; i += 16) {
         prefetch16(x, i + ahead, 1);  // the next chunk, while this one is in L1
         pack16<BITS>(code16(load16(x + i), sv, zv, mv), packed + (i / 8) * BITS);
@@ -1315,6 +1359,27 @@ DQ_AVX512 inline void apply16(T* w, __m512i q, __mmask16 code_bits, __m512 s, __
   store16(w, _mm512_add_ps(wv, _mm512_mul_ps(alpha, dq)), m);
 }
 
+// What apply16 adds for each code of one group, as a 16-entry table: entry j
+// holds alpha * dequant(j mod 2^BITS), formed by apply16's operations in its
+// order, so that w + table[code] is apply16's result bit for bit. vpermps
+// reads an index's low 4 bits, so the unmasked codes (the next codes' bits
+// above them) index the table directly (BITS <= 4; sign codes pick entry 0
+// or 1 by their mask bit).
+template <int BITS>
+DQ_AVX512 inline __m512 apply_table(__m512 s, __m512i z, __m512 alpha) {
+  static_assert(BITS <= 4, "a 16-entry table holds codes of at most 4 bits");
+  const __m512i j = _mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                     _mm512_set1_epi32((1 << BITS) - 1));
+  __m512 dq;
+  if constexpr (BITS == 1) {
+    const __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(s), _mm512_set1_epi32(int32_t(0x80000000u))));
+    dq = _mm512_mask_blend_ps(_mm512_test_epi32_mask(j, j), neg, s);
+  } else {
+    dq = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(j, z)), s);
+  }
+  return _mm512_mul_ps(alpha, dq);
+}
+
 DQ_AVX512 inline __mmask16 load_sign_mask16(const uint8_t* in) {
   uint16_t bits;
   std::memcpy(&bits, in, 2);
@@ -1341,12 +1406,21 @@ DQ_AVX512 void apply_chunk(T* w, const uint8_t* packed, int64_t nbytes, const fl
       sv = _mm512_set1_ps(s_in[k]);
       zv = _mm512_set1_epi32(z_in ? int32_t(z_in[k]) : 0);
       const int64_t lim = std::min(cur.end, e);
-      for (; i + 16 <= lim; i += 16) {
-        const uint8_t* unit = packed + (i / 8) * BITS;
-        if constexpr (BITS == 1) {
-          apply16<T, 1>(w + i, _mm512_setzero_si512(), load_sign_mask16(unit), sv, zv, av, 0xFFFF);
-        } else {
-          apply16<T, BITS>(w + i, unpack16(unit), 0, sv, zv, av, 0xFFFF);
+      if constexpr (BITS == 8) {
+        for (; i + 16 <= lim; i += 16) apply16<T, 8>(w + i, unpack16(packed + i), 0, sv, zv, av, 0xFFFF);
+      } else {
+        const __m512 table = apply_table<BITS>(sv, zv, av);
+        const __m512 if0 = _mm512_permutexvar_ps(_mm512_setzero_si512(), table);
+        const __m512 if1 = _mm512_permutexvar_ps(_mm512_set1_epi32(1), table);
+        for (; i + 16 <= lim; i += 16) {
+          const uint8_t* unit = packed + (i / 8) * BITS;
+          __m512 add;
+          if constexpr (BITS == 1) {
+            add = _mm512_mask_blend_ps(load_sign_mask16(unit), if0, if1);
+          } else {
+            add = _mm512_permutexvar_ps(unpack16.unmasked(unit), table);
+          }
+          store16(w + i, _mm512_add_ps(load16(w + i), add), 0xFFFF);
         }
       }
       if (!(i < lim && lim == e)) continue;
