@@ -124,6 +124,20 @@ def test_uniform_rounding_ties(isa):
             same(on_cpu(qops.quantize_uniform_op, xd, 4, 16, True), ref.quantize_uniform(xd, 4, 16, True))
 
 
+def test_uniform_subnormal_scales(isa):
+    # groups whose spread / (2^b - 1) is a subnormal, or rounds to 0 (s == 0: every code is z):
+    # the fast path's codes convert x / s to integers, which needs s rounded to nearest
+    tiny = 2.0 ** -149
+    g = torch.Generator().manual_seed(5)
+    spreads = torch.tensor([1, 2, 3, 7, 15, 16, 255, 1000, 2 ** 20], dtype=torch.float64) * tiny
+    x = (torch.rand(len(spreads), 256, generator=g, dtype=torch.float64) - 0.3) * spreads[:, None]
+    x = x.to(torch.float32)  # subnormal fp32 values (and zeros)
+    for bits in ref.UNIFORM_BITS:
+        for symmetric in (False, True):
+            same(on_cpu(qops.quantize_uniform_op, x, bits, 64, symmetric),
+                 ref.quantize_uniform(x, bits, 64, symmetric), f"{isa} {bits} bits sym={symmetric}")
+
+
 def test_uniform_overflowing_group_and_nonfinite(isa):
     x = torch.zeros(4, 20000)
     x[3, 19000] = 3e38

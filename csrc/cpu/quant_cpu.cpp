@@ -720,6 +720,26 @@ DQ_AVX512 inline __m512i code16(__m512 x, __m512 s, __m512 z, __m512 maxq) {
   return _mm512_cvttps_epi32(q);
 }
 
+// code16 for the whole units of one group, its s, z and maxq fixed: with s > 0,
+// the codes in integers, q = clamp(cvt_rne(x / s) + z, 0, maxq). |x / s| stays
+// far below 2^31 (x lies between min(lo, 0) and max(hi, 0), and s, rounded to
+// nearest, is at least half their spread / (2^b - 1), or half amax / (2^(b-1) - 1);
+// smaller spreads round s to 0), so the conversion's rounding is rne and
+// rne_clamped's pre-clamp changes nothing. With s == 0 every code is z.
+struct GroupCoder {
+  __m512 s;
+  __m512i z, maxq;
+  bool zero_scale;
+  DQ_AVX512 GroupCoder(float scale, float zero, int bits)
+      : s(_mm512_set1_ps(scale)), z(_mm512_set1_epi32(static_cast<int32_t>(zero))),
+        maxq(_mm512_set1_epi32((1 << bits) - 1)), zero_scale(!(scale > 0.0f)) {}
+  DQ_AVX512 inline __attribute__((always_inline)) __m512i operator()(__m512 x) const {
+    if (zero_scale) return z;
+    const __m512i r = _mm512_cvt_roundps_epi32(_mm512_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, z), _mm512_setzero_si512()), maxq);
+  }
+};
+
 // ---- exact |x| sums (and sign codes) over one block ----
 
 constexpr int64_t kBlock512 = 2048;  // elements per block: stays in L1 between its two loops
@@ -1300,21 +1320,20 @@ DQ_AVX512 void uniform_chunk(const T* x, int64_t b, int64_t e, int64_t cols, int
     const int64_t len = std::min<int64_t>(16, e - i);
     if (cur.end - i >= len) {  // whole units in this group
       const int64_t lim = std::min(cur.end, e);
-      const __m512 sv = _mm512_set1_ps(ls[k]), zv = _mm512_set1_ps(lz[k]);
+      const GroupCoder code(ls[k], lz[k], BITS);
       if constexpr (BITS <= 4) {
         for (; i + 64 <= lim; i += 64) {
           for (int u = 0; u < 64; u += 16) prefetch16(x, i + u + ahead, 1);
-          pack64<BITS>(code16(load16(x + i), sv, zv, mv), code16(load16(x + i + 16), sv, zv, mv),
-                       code16(load16(x + i + 32), sv, zv, mv), code16(load16(x + i + 48), sv, zv, mv),
-                       packed + (i / 8) * BITS);
+          pack64<BITS>(code(load16(x + i)), code(load16(x + i + 16)), code(load16(x + i + 32)),
+                       code(load16(x + i + 48)), packed + (i / 8) * BITS);
         }
       }
       for (; i + 16 <= lim; i += 16) {
         prefetch16(x, i + ahead, 1);  // the next chunk, while this one is in L1
-        pack16<BITS>(code16(load16(x + i), sv, zv, mv), packed + (i / 8) * BITS);
+        pack16<BITS>(code(load16(x + i)), packed + (i / 8) * BITS);
       }
       if (i < lim && lim == e) {  // the stream's last, partial unit
-        pack_partial<BITS>(code16(load16(x + i, first_lanes(e - i)), sv, zv, mv), i, e - i, packed, nbytes);
+        pack_partial<BITS>(code(load16(x + i, first_lanes(e - i))), i, e - i, packed, nbytes);
         i = e;
       }
     } else {  // a unit across groups: per-lane scales and zero points
