@@ -560,18 +560,6 @@ DQ_AVX512 inline __attribute__((always_inline)) void for_patterns32(const uint16
   }
 }
 
-// The same over vectors of 16 32-bit patterns.
-template <typename F>
-DQ_AVX512 inline __attribute__((always_inline)) void for_patterns16(const uint32_t* u, int64_t b, int64_t e,
-                                                                    const F& f) {
-  const int64_t full = b + ((e - b) & ~int64_t(15));
-  for (int64_t i = b; i < full; i += 16) f(i, int64_t(16), __mmask16(0xFFFF), _mm512_loadu_si512(u + i));
-  if (full < e) {
-    const __mmask16 m = first_lanes(e - full);
-    f(full, e - full, m, _mm512_maskz_loadu_epi32(m, u + full));
-  }
-}
-
 // Ternary 2-bit codes of the lanes in m (the first `len` elements of a unit of
 // 16 or 32 at out): 2 where kept and not negative, 0 where kept and negative,
 // 1 elsewhere, as a low bit "not kept" and a high bit "kept and positive"
@@ -1149,13 +1137,15 @@ DQ_AVX512 int64_t compeft_scan32(const uint32_t* u, int64_t b, int64_t e, Compef
   __m512d s1[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, s2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
   __m512i kmax = _mm512_setzero_si512();
   int64_t above = 0, nband = 0;
-  for_patterns16(u, b, e, [&](int64_t i, int64_t len, __mmask16 m, __m512i v) DQ_AVX512 __attribute__((always_inline)) {
+  // One vector: its lanes kept as if key > guess (no zero is: guess >= 0) and its negative lanes; the
+  // codes are stored 32 at a time (one code word per two vectors).
+  auto scan16 = [&](__mmask16 m, __m512i v, uint32_t* kept, uint32_t* negative) DQ_AVX512 __attribute__((always_inline)) {
     const __m512i a = _mm512_and_si512(v, absmask);  // lanes past e are +0.0: no key, no sum
     kmax = _mm512_max_epu32(kmax, a);
     const __mmask16 over = _mm512_cmpgt_epu32_mask(a, hiv);
     above += _mm_popcnt_u32(over);
-    // kept as if key > guess (no zero is: guess >= 0)
-    store_ternary_codes(_mm512_cmpgt_epu32_mask(a, guessv), _mm512_movepi32_mask(v), m, len, packed + i / 4);
+    *kept = _mm512_cmpgt_epu32_mask(a, guessv);
+    *negative = _mm512_movepi32_mask(v);
     const __mmask16 in_band = _mm512_mask_cmpge_epu32_mask(m & ~over, a, lov);
     for (int half = 0; half < 2; ++half) {
       const __m256i part = half ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
@@ -1168,7 +1158,21 @@ DQ_AVX512 int64_t compeft_scan32(const uint32_t* u, int64_t b, int64_t e, Compef
       s1[half] = _mm512_add_pd(s1[half], d);
       s2[half] = _mm512_fmadd_pd(d, d, s2[half]);  // d * d is exact in fp64: one rounding, as an add
     }
-  });
+  };
+  int64_t i = b;
+  for (; i + 32 <= e; i += 32) {
+    uint32_t kept0, negative0, kept1, negative1;
+    scan16(0xFFFF, _mm512_loadu_si512(u + i), &kept0, &negative0);
+    scan16(0xFFFF, _mm512_loadu_si512(u + i + 16), &kept1, &negative1);
+    store_ternary_codes(kept0 | kept1 << 16, negative0 | negative1 << 16, 0xFFFFFFFFu, 32, packed + i / 4);
+  }
+  for (; i < e; i += 16) {  // the last 31 elements or fewer
+    const int64_t len = std::min<int64_t>(16, e - i);
+    const __mmask16 m = first_lanes(len);
+    uint32_t kept, negative;
+    scan16(m, _mm512_maskz_loadu_epi32(m, u + i), &kept, &negative);
+    store_ternary_codes(kept, negative, m, len, packed + i / 4);
+  }
   out->s1 = _mm512_reduce_add_pd(_mm512_add_pd(s1[0], s1[1]));
   out->s2 = _mm512_reduce_add_pd(_mm512_add_pd(s2[0], s2[1]));
   out->above = above;
