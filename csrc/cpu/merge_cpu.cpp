@@ -71,7 +71,7 @@ constexpr int kBins0 = 1 << 15, kBins1 = 1 << 16;
 // ChunkLoop hands them out (runs of consecutive chunks).
 template <typename F>
 void for_chunks(int64_t nchunks, int64_t chunk_elems, const F& f) {
-  ChunkLoop(nchunks, 1, kRunItems / chunk_elems).run([&](int64_t slot, int64_t c, int64_t) { f(slot, c); });
+  ChunkLoop(nchunks, 1, kRunItems / std::max<int64_t>(chunk_elems, 1)).run([&](int64_t slot, int64_t c, int64_t) { f(slot, c); });
 }
 
 int64_t num_slots(int64_t nchunks) { return ChunkLoop(nchunks, 1).slots(); }
@@ -890,7 +890,7 @@ void della_norm_pass(Plan& plan, const RowGeom& g, const std::vector<float>& ran
   const size_t nw = which.size();
   std::vector<double> part(static_cast<size_t>(nc) * nw * 2, 0.0);
   std::vector<DellaScratch> scratch(num_slots(nc));
-  for_chunks(nc, kChunk, [&](int64_t slot, int64_t c) {
+  for_chunks(nc, g.rows_per_chunk * g.n, [&](int64_t slot, int64_t c) {
     DellaScratch& sc = scratch[slot];
     sc.init(g.n, plan.nmodels, false);
     const int64_t r_end = std::min(g.nrows, (c + 1) * g.rows_per_chunk);
@@ -920,7 +920,7 @@ void della_merge_pass(const Plan& plan, const RowGeom& g, const std::vector<floa
   const int64_t nc = g.nchunks, n = g.n;
   const int N = plan.nmodels;
   std::vector<DellaScratch> scratch(num_slots(nc));
-  for_chunks(nc, kChunk, [&](int64_t slot, int64_t c) {
+  for_chunks(nc, g.rows_per_chunk * n, [&](int64_t slot, int64_t c) {
     DellaScratch& sc = scratch[slot];
     sc.init(n, N, o.consensus);
     const int64_t r_end = std::min(g.nrows, (c + 1) * g.rows_per_chunk);
