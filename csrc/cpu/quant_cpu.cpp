@@ -1042,6 +1042,36 @@ DQ_AVX512 void count_band_keys(const uint32_t* band, int64_t count, uint16_t lo,
   }
 }
 
+// The fp32 band entries (pattern | offset << 32): their 31-bit magnitude keys,
+// 8 per vector, for the masked lanes of the last one too (past them: 0).
+DQ_AVX512 inline __m512i band_keys8(const uint64_t* band, int64_t j, int64_t count, __mmask8* m) {
+  *m = count - j >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << (count - j)) - 1u);
+  return _mm512_and_si512(_mm512_maskz_loadu_epi64(*m, band + j), _mm512_set1_epi64(0x7FFFFFFF));
+}
+
+// fine[key & 0x7FFF] += 1 for the fp32 entries in coarse bin `coarse` (a few
+// percent of them: a vector filter, then scalar counts).
+DQ_AVX512 void count_fine_keys(const uint64_t* band, int64_t count, uint32_t coarse, int64_t* fine) {
+  const __m512i bin = _mm512_set1_epi64(coarse);
+  for (int64_t j = 0; j < count; j += 8) {
+    __mmask8 m;
+    const __m512i key = band_keys8(band, j, count, &m);
+    for (uint32_t hit = _mm512_mask_cmpeq_epi64_mask(m, _mm512_srli_epi64(key, 15), bin); hit; hit &= hit - 1)
+      ++fine[band[j + __builtin_ctz(hit)] & 0x7FFFu];
+  }
+}
+
+// How many fp32 entries have the 31-bit key `thr`.
+DQ_AVX512 int64_t count_equal_keys(const uint64_t* band, int64_t count, uint32_t thr) {
+  const __m512i key = _mm512_set1_epi64(thr);
+  int64_t total = 0;
+  for (int64_t j = 0; j < count; j += 8) {
+    __mmask8 m;
+    total += _mm_popcnt_u32(_mm512_mask_cmpeq_epi64_mask(m, band_keys8(band, j, count, &m), key));
+  }
+  return total;
+}
+
 // Rewrites the codes of a chunk starting at element b: changes[j] is
 // offset << 2 | new code. The chunk's codes left the caches during the scan, so
 // every line is requested first, then rewritten (independent misses overlap
@@ -1775,10 +1805,7 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       fine_of[t].assign(0x8000, 0);
-      for (int64_t j = 0; j < bands.used[t]; ++j) {
-        const uint32_t key = static_cast<uint32_t>(bands.of[t][j]) & 0x7FFFFFFFu;
-        if ((key >> 15) == static_cast<uint32_t>(coarse)) ++fine_of[t][key & 0x7FFF];
-      }
+      count_fine_keys(bands.of[t].data(), bands.used[t], static_cast<uint32_t>(coarse), fine_of[t].data());
     }
   });
   std::vector<int64_t> fine(0x8000, 0);
@@ -1792,8 +1819,7 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t)
       for (const int64_t c : bands.chunks_of[t])
-        for (int64_t j = chunks[c].first; j < chunks[c].first + chunks[c].count; ++j)
-          ties[c] += (static_cast<uint32_t>(bands.of[t][j]) & 0x7FFFFFFFu) == thr;
+        ties[c] = count_equal_keys(bands.of[t].data() + chunks[c].first, chunks[c].count, thr);
   });
   for (int64_t c = 0, before = 0; c < nchunks; ++c) {
     budget[c] = std::clamp<int64_t>(take - before, 0, ties[c]);
