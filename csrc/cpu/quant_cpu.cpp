@@ -646,7 +646,9 @@ struct Unpacker {
     shift = _mm512_load_si512(sh);
     mask = _mm512_set1_epi32((1 << BITS) - 1);
   }
-  DQ_AVX512 inline __m512i bits_from(const uint8_t* in) const {
+  // The codes with the bits of the next ones above them (BITS < 8): enough
+  // for a table lookup that reads an index's low 4 bits (apply_table).
+  DQ_AVX512 inline __m512i unmasked(const uint8_t* in) const {
     if constexpr (BITS == 8) {
       return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
     } else {
@@ -671,11 +673,8 @@ struct Unpacker {
       return _mm512_srlv_epi32(lanes, shift);
     }
   }
-  // The codes with the bits of the next ones above them (BITS < 8): enough
-  // for a table lookup that reads an index's low 4 bits (apply_table).
-  DQ_AVX512 inline __m512i unmasked(const uint8_t* in) const { return bits_from(in); }
   DQ_AVX512 inline __m512i operator()(const uint8_t* in) const {
-    return BITS == 8 ? bits_from(in) : _mm512_and_si512(bits_from(in), mask);
+    return BITS == 8 ? unmasked(in) : _mm512_and_si512(unmasked(in), mask);
   }
 };
 
@@ -1678,6 +1677,34 @@ std::pair<uint32_t, int64_t> add_up_chunks(const std::vector<CompeftChunk>& chun
   return {max_key, above};
 }
 
+// The band key holding the k-th largest element: the per-chunk histograms
+// (hist[c * width + key - lo]) added up, then walked down from the top with
+// `count` starting at the keys above the band. Returns the key, or -1 when the
+// band missed it; `count` ends at the number of elements above that key.
+int64_t key_of_kth(const std::vector<uint32_t>& hist, int64_t nchunks, int64_t lo, int64_t width, int64_t k,
+                   int64_t& count) {
+  std::vector<int64_t> merged(static_cast<size_t>(width), 0);
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int64_t w = 0; w < width; ++w) merged[w] += hist[c * width + w];
+  for (int64_t key = lo + width - 1; count < k && key >= lo; --key) {
+    if (count + merged[key - lo] >= k) return key;
+    count += merged[key - lo];
+  }
+  return -1;
+}
+
+// Each chunk's share of the `take` threshold ties kept: equal keys are kept
+// in flat order, so chunk by chunk until `take` is used up.
+std::vector<int64_t> tie_budgets(const std::vector<int64_t>& ties, int64_t take) {
+  std::vector<int64_t> budget(ties.size(), 0);
+  int64_t before = 0;
+  for (size_t c = 0; c < ties.size(); ++c) {
+    budget[c] = std::clamp<int64_t>(take - before, 0, ties[c]);
+    before += ties[c];
+  }
+  return budget;
+}
+
 // ComPEFT for bf16/fp16 (see compeft_scan): fills `moments` with
 // [sum x, sum x^2, h] (compeft_quantize's contract). When the sample's band
 // misses the k-th largest key, the codes come from the full top-k instead.
@@ -1715,25 +1742,12 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
   moments[2] = static_cast<double>(kCompeftChunk / 32 + 9 + nchunks);
   if (k == 0) return packed;
 
-  std::vector<int64_t> merged(static_cast<size_t>(width), 0);
-  for (int64_t c = 0; c < nchunks; ++c)
-    for (int64_t w = 0; w < width; ++w) merged[w] += hist[c * width + w];
-  int64_t thr = -1, take = 0, count = above;
-  for (int64_t key = hi; count < k && key >= lo; --key) {
-    if (count + merged[key - lo] >= k) {
-      thr = key;
-      take = k - count;
-      break;
-    }
-    count += merged[key - lo];
-  }
+  int64_t count = above;
+  const int64_t thr = key_of_kth(hist, nchunks, lo, width, k, count);
   if (thr < 0) return compeft_pack(x, topk_mask(x, k));  // the band missed the k-th key
-  std::vector<int64_t> budget(static_cast<size_t>(nchunks), 0);
-  for (int64_t c = 0, before = 0; c < nchunks; ++c) {
-    const int64_t ties = hist[c * width + (thr - lo)];  // equal keys are kept in flat order
-    budget[c] = std::clamp<int64_t>(take - before, 0, ties);
-    before += ties;
-  }
+  std::vector<int64_t> ties(static_cast<size_t>(nchunks));
+  for (int64_t c = 0; c < nchunks; ++c) ties[c] = hist[c * width + (thr - lo)];
+  const std::vector<int64_t> budget = tie_budgets(ties, k - count);
   at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       for (const int64_t c : bands.chunks_of[t]) {
@@ -1788,17 +1802,8 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   if (!kept_all || width == 0) return compeft_pack(x, topk_mask(x, k));
 
   // the coarse bin of the k-th largest key, then its exact key among the bin's entries
-  std::vector<int64_t> merged(static_cast<size_t>(width), 0);
-  for (int64_t c = 0; c < nchunks; ++c)
-    for (int64_t w = 0; w < width; ++w) merged[w] += hist[c * width + w];
-  int64_t coarse = -1, count = above;
-  for (int64_t key = range.hi; count < k && key >= lo; --key) {
-    if (count + merged[key - lo] >= k) {
-      coarse = key;
-      break;
-    }
-    count += merged[key - lo];
-  }
+  int64_t count = above;
+  const int64_t coarse = key_of_kth(hist, nchunks, lo, width, k, count);
   if (coarse < 0) return compeft_pack(x, topk_mask(x, k));  // the band missed the k-th key
   // (each thread's buffer counted on its own, then added up)
   std::vector<std::vector<int64_t>> fine_of(static_cast<size_t>(bands.nthreads));
@@ -1815,16 +1820,13 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   for (; count + fine[low] < k; --low) count += fine[low];
   const uint32_t thr = (static_cast<uint32_t>(coarse) << 15) | static_cast<uint32_t>(low);
   const int64_t take = k - count;  // keys equal to thr that are kept, in flat order
-  std::vector<int64_t> budget(static_cast<size_t>(nchunks), 0), ties(static_cast<size_t>(nchunks), 0);
+  std::vector<int64_t> ties(static_cast<size_t>(nchunks), 0);
   at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t)
       for (const int64_t c : bands.chunks_of[t])
         ties[c] = count_equal_keys(bands.of[t].data() + chunks[c].first, chunks[c].count, thr);
   });
-  for (int64_t c = 0, before = 0; c < nchunks; ++c) {
-    budget[c] = std::clamp<int64_t>(take - before, 0, ties[c]);
-    before += ties[c];
-  }
+  const std::vector<int64_t> budget = tie_budgets(ties, take);
   const uint32_t guess = (range.guess << 15) | 0x7FFFu;
   at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t)
