@@ -12,9 +12,10 @@ bandwidth measured in the same run):
 * ``apply_``: the weight read and written (2 x 2 bytes per element) plus the
   stored format read once (``nbytes``: packed codes, scales, zero points).
 * ``quantize``: the delta read once (2 bytes per element; 4 for the fp32
-  ComPEFT row, the command line's case) plus the format written once. Absmean needs its exact mean before its codes, so it reads
-  the delta a second time; that pass is not counted (the model counts what
-  an ideal kernel must move). The CPU kernels of sign and of the uniform
+  ComPEFT row, the command line's case) plus the format written once.
+  Absmean needs its exact mean before its codes, so it reads the delta a
+  second time; that pass is not counted (the model counts what an ideal
+  kernel must move). The CPU kernels of sign and of the uniform
   groups read the delta once (mean or group parameters, then codes, per
   cache-sized chunk).
 
