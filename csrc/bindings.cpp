@@ -59,6 +59,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_isa", &dc::isa, "the kernel table in use: avx512, avx2 or baseline");
   m.def("_set_isa", &dc::set_isa, py::arg("name"),
         "choose the kernel table: auto, avx512, avx2 or baseline; returns the one in use");
+  m.def("_set_vbmi2", &dc::set_vbmi2, py::arg("enabled"),
+        "test hook: let the avx512 table use AVX512-VBMI2 instructions (the default where the CPU "
+        "has them) or not; returns whether it will");
 
   // The fused merge kernel (sign-elect / task-arithmetic family of merge_tensors).
   m.def("merge_sign_elect", &dc::merge_sign_elect, py::arg("base"), py::arg("models"),

@@ -323,8 +323,30 @@ def compeft_cases(dtype):
     yield "row scales", rows.to(dtype)
 
 
+def cpu_has_vbmi2() -> bool:
+    try:
+        return C._set_vbmi2(True)
+    except ValueError:
+        return False
+
+
+@pytest.fixture(params=[True, False], ids=["vbmi2", "no-vbmi2"])
+def vbmi2(request, isa):
+    """The avx512 table's ComPEFT scan with AVX512-VBMI2 compresses and with the
+    code written for CPUs without them (both run where the CPU has VBMI2)."""
+    if request.param and (isa != "avx512" or not cpu_has_vbmi2()):
+        pytest.skip("needs the avx512 table on a CPU with AVX512-VBMI2")
+    if not request.param and isa != "avx512":
+        yield False  # the portable table has no VBMI2 code: run it once
+        return
+    has = cpu_has_vbmi2()
+    C._set_vbmi2(request.param)
+    yield request.param
+    C._set_vbmi2(has)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_compeft_quantize_on_large_tensors(isa, dtype):
+def test_compeft_quantize_on_large_tensors(isa, vbmi2, dtype):
     """The CPU kernel's paths for 16-bit types (sampled band, codes fixed up after the
     threshold is known, chunks rewritten, full top-k when the band misses) and the
     portable one: codes bit for bit against the reference, 1 and 2 threads alike,

@@ -942,9 +942,10 @@ DQ_AVX512 void ternary_chunk(const T* x, int64_t b, int64_t e, uint32_t t_bits, 
 // largest, and a guess of it, come from a sample (compeft_band). The scan
 // (compeft_scan) writes every element's code as if the guess were the
 // threshold (kept iff key > guess), sums x and x^2 in fp64, and keeps the
-// band's elements aside (pattern and position). Their counts give the exact
-// threshold; compeft_fixup then rewrites the codes the guess got wrong, all of
-// them in the band. No full histogram, no mask tensor, no second pass over x.
+// band's elements aside (their patterns and their offsets in the chunk, as two
+// arrays in flat order). Their counts give the exact threshold;
+// compeft_fixup then rewrites the codes the guess got wrong, all of them in
+// the band. No full histogram, no mask tensor, no second pass over x.
 
 // Per chunk of kCompeftChunk elements (chunk order makes the results
 // independent of the thread count).
@@ -952,28 +953,52 @@ struct CompeftChunk {
   double s1 = 0.0, s2 = 0.0;  // sum x, sum x^2 (fp64)
   int64_t above = 0;          // keys > hi
   uint32_t max_key = 0;       // largest |x| pattern (NaN/inf check)
-  int64_t first = 0, count = 0;  // its band elements: band[first, first + count) of the thread that scanned it
+  int64_t first = 0, count = 0;  // its band elements: [first, first + count) of the buffers of the thread that scanned it
   bool rescan = false;        // too many band elements to keep aside: rewrite the chunk
 };
 
+// Stores the 16-bit lanes of v selected by m, in lane order, at out (writes
+// up to 32 lanes: out needs that room); returns how many were selected. With
+// AVX512-VBMI2 one vpcompressw, as inline asm so that no function around it
+// needs that target (and the compiler emits no other VBMI2 instruction for a
+// CPU without it); else each half widened, compressed as 32-bit lanes and
+// narrowed (the band's 32-bit compresses took a quarter of ComPEFT's scan).
+template <bool VBMI2>
+DQ_AVX512 inline __attribute__((always_inline)) int64_t compress_store16(uint32_t m, __m512i v, uint16_t* out) {
+  if constexpr (VBMI2) {
+    __m512i packed;
+    asm("vpcompressw %1, %0%{%2%}%{z%}" : "=v"(packed) : "v"(v), "Yk"(static_cast<__mmask32>(m)));
+    _mm512_storeu_si512(out, packed);
+  } else {
+    const __m512i low = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(v));
+    const __m512i high = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(static_cast<__mmask16>(m), low)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + _mm_popcnt_u32(m & 0xFFFFu)),
+                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(static_cast<__mmask16>(m >> 16), high)));
+  }
+  return _mm_popcnt_u32(m);
+}
+
 // x[b, e) of a 16-bit type (b a multiple of 32): codes as if `guess` were the
-// threshold into `packed` (guess <= hi), the band's elements (key in [lo, hi]; none when lo > hi)
-// compressed into `band` (at least e - b + 16 slots) without a branch per
-// vector (one on "this vector has a band key" would be mispredicted about
-// every other vector); returns how many. Moments: 32 fp64 lanes (four vectors
-// of 8), each adding one element of every 32 (at most kCompeftChunk / 32 terms
-// per lane), then 2 + 3 levels of vector additions.
-template <bool BF16>
+// threshold into `packed` (guess <= hi); the band's elements (key in [lo, hi];
+// none when lo > hi) compressed into `band` and their offsets in the chunk into
+// `offsets` (each at least e - b + 32 slots), without a branch per vector (one on
+// "this vector has a band key" would be mispredicted about every other
+// vector); returns how many. Moments: 32 fp64 lanes (four vectors of 8), each
+// adding one element of every 32 (at most kCompeftChunk / 32 terms per lane),
+// then 2 + 3 levels of vector additions.
+template <bool BF16, bool VBMI2>
 DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftBand range, uint8_t* packed,
-                               uint32_t* band, CompeftChunk* out) {
+                               uint16_t* band, uint16_t* offsets, CompeftChunk* out) {
   const __m512i abs16 = _mm512_set1_epi16(0x7FFF), lov = _mm512_set1_epi16(static_cast<int16_t>(range.lo)),
                 guessv = _mm512_set1_epi16(static_cast<int16_t>(range.guess)),
-                hiv = _mm512_set1_epi16(static_cast<int16_t>(range.hi));
-  // each lane's offset in the chunk, in bits 16-31, for the two halves of the next vector
-  __m512i offsets[2];
-  offsets[0] = _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 16);
-  offsets[1] = _mm512_add_epi32(offsets[0], _mm512_set1_epi32(16 << 16));
-  const __m512i step = _mm512_set1_epi32(32 << 16);
+                hiv = _mm512_set1_epi16(static_cast<int16_t>(range.hi)),
+                high_halves = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  alignas(64) static constexpr uint16_t kLanes[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
+                                                      11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                                      22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+  __m512i lane_offsets = _mm512_load_si512(kLanes);  // of the next vector's lanes in the chunk
   __m512d s1[4], s2[4];
   for (int j = 0; j < 4; ++j) s1[j] = s2[j] = _mm512_setzero_pd();
   __m512i kmax = _mm512_setzero_si512();
@@ -986,16 +1011,14 @@ DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftB
     // kept as if key > guess (no zero is: guess >= 0)
     store_ternary_codes(_mm512_cmpgt_epu16_mask(a, guessv), _mm512_movepi16_mask(v), m, len, packed + i / 4);
     const uint32_t in_band = _mm512_cmpge_epu16_mask(a, lov) & m & ~over;
-    __m512 f[2];
-    for (int half = 0; half < 2; ++half) {
-      const __m512i wide = _mm512_cvtepu16_epi32(half ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v));
-      const __mmask16 lanes = static_cast<__mmask16>(in_band >> (16 * half));
-      _mm512_storeu_si512(band + nband, _mm512_maskz_compress_epi32(lanes, _mm512_or_si512(wide, offsets[half])));
-      nband += _mm_popcnt_u32(lanes);
-      offsets[half] = _mm512_add_epi32(offsets[half], step);
-      f[half] = BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))
-                     : _mm512_cvtph_ps(_mm512_cvtepi32_epi16(wide));  // both exact
-    }
+    compress_store16<VBMI2>(in_band, lane_offsets, offsets + nband);
+    nband += compress_store16<VBMI2>(in_band, v, band + nband);
+    lane_offsets = _mm512_add_epi16(lane_offsets, _mm512_set1_epi16(32));
+    // x in fp32 (both exact): bf16 as the even and the odd 16-bit lanes (the
+    // sums need no element order), fp16 as the two halves of the vector
+    const __m512 f[2] = {
+        BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)) : _mm512_cvtph_ps(_mm512_castsi512_si256(v)),
+        BF16 ? _mm512_castsi512_ps(_mm512_and_si512(v, high_halves)) : _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1))};
     const __m512d d[4] = {_mm512_cvtps_pd(_mm512_castps512_ps256(f[0])), _mm512_cvtps_pd(_mm512_extractf32x8_ps(f[0], 1)),
                           _mm512_cvtps_pd(_mm512_castps512_ps256(f[1])), _mm512_cvtps_pd(_mm512_extractf32x8_ps(f[1], 1))};
     for (int j = 0; j < 4; ++j) {
@@ -1021,52 +1044,53 @@ DQ_AVX512 inline uint32_t take_ties(uint32_t equal, int64_t& budget) {
   return taken;
 }
 
-// hist[key - lo] += 1 for the keys of `count` band entries. A narrow band (the
-// usual case: about ten keys for bf16) is counted key by key with vector
+// hist[key - lo] += 1 for the keys of `count` band patterns. A narrow band
+// (the usual case: about ten keys for bf16) is counted key by key with vector
 // compares: scalar increments of a few bins queue behind each other.
-DQ_AVX512 void count_band_keys(const uint32_t* band, int64_t count, uint16_t lo, int64_t width, uint32_t* hist) {
+DQ_AVX512 void count_band_keys(const uint16_t* band, int64_t count, uint16_t lo, int64_t width, uint32_t* hist) {
   if (width > 64) {
     for (int64_t j = 0; j < count; ++j) ++hist[(band[j] & 0x7FFFu) - lo];
     return;
   }
-  const __m512i key_mask = _mm512_set1_epi32(0x7FFF);
+  const __m512i key_mask = _mm512_set1_epi16(0x7FFF);
   for (int64_t w = 0; w < width; ++w) {
-    const __m512i key = _mm512_set1_epi32(lo + static_cast<int32_t>(w));
+    const __m512i key = _mm512_set1_epi16(static_cast<int16_t>(lo + w));
     int64_t total = 0;
-    for (int64_t j = 0; j < count; j += 16) {
-      const __m512i entry = _mm512_maskz_loadu_epi32(first_lanes(count - j), band + j);
-      total += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(first_lanes(count - j), _mm512_and_si512(entry, key_mask), key));
+    for (int64_t j = 0; j < count; j += 32) {
+      const __mmask32 m = count - j >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (count - j)) - 1u);
+      const __m512i pattern = _mm512_maskz_loadu_epi16(m, band + j);
+      total += _mm_popcnt_u32(_mm512_mask_cmpeq_epu16_mask(m, _mm512_and_si512(pattern, key_mask), key));
     }
     hist[w] += static_cast<uint32_t>(total);
   }
 }
 
-// The fp32 band entries (pattern | offset << 32): their 31-bit magnitude keys,
-// 8 per vector, for the masked lanes of the last one too (past them: 0).
-DQ_AVX512 inline __m512i band_keys8(const uint64_t* band, int64_t j, int64_t count, __mmask8* m) {
-  *m = count - j >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << (count - j)) - 1u);
-  return _mm512_and_si512(_mm512_maskz_loadu_epi64(*m, band + j), _mm512_set1_epi64(0x7FFFFFFF));
+// The 31-bit magnitude keys of fp32 band patterns band[j, j + 16), for the
+// masked lanes of the last vector too (past them: 0).
+DQ_AVX512 inline __m512i band_keys16(const uint32_t* band, int64_t j, int64_t count, __mmask16* m) {
+  *m = first_lanes(count - j);
+  return _mm512_and_si512(_mm512_maskz_loadu_epi32(*m, band + j), _mm512_set1_epi32(0x7FFFFFFF));
 }
 
-// fine[key & 0x7FFF] += 1 for the fp32 entries in coarse bin `coarse` (a few
+// fine[key & 0x7FFF] += 1 for the fp32 patterns in coarse bin `coarse` (a few
 // percent of them: a vector filter, then scalar counts).
-DQ_AVX512 void count_fine_keys(const uint64_t* band, int64_t count, uint32_t coarse, int64_t* fine) {
-  const __m512i bin = _mm512_set1_epi64(coarse);
-  for (int64_t j = 0; j < count; j += 8) {
-    __mmask8 m;
-    const __m512i key = band_keys8(band, j, count, &m);
-    for (uint32_t hit = _mm512_mask_cmpeq_epi64_mask(m, _mm512_srli_epi64(key, 15), bin); hit; hit &= hit - 1)
+DQ_AVX512 void count_fine_keys(const uint32_t* band, int64_t count, uint32_t coarse, int64_t* fine) {
+  const __m512i bin = _mm512_set1_epi32(static_cast<int32_t>(coarse));
+  for (int64_t j = 0; j < count; j += 16) {
+    __mmask16 m;
+    const __m512i key = band_keys16(band, j, count, &m);
+    for (uint32_t hit = _mm512_mask_cmpeq_epi32_mask(m, _mm512_srli_epi32(key, 15), bin); hit; hit &= hit - 1)
       ++fine[band[j + __builtin_ctz(hit)] & 0x7FFFu];
   }
 }
 
-// How many fp32 entries have the 31-bit key `thr`.
-DQ_AVX512 int64_t count_equal_keys(const uint64_t* band, int64_t count, uint32_t thr) {
-  const __m512i key = _mm512_set1_epi64(thr);
+// How many fp32 patterns have the 31-bit key `thr`.
+DQ_AVX512 int64_t count_equal_keys(const uint32_t* band, int64_t count, uint32_t thr) {
+  const __m512i key = _mm512_set1_epi32(static_cast<int32_t>(thr));
   int64_t total = 0;
-  for (int64_t j = 0; j < count; j += 8) {
-    __mmask8 m;
-    total += _mm_popcnt_u32(_mm512_mask_cmpeq_epi64_mask(m, band_keys8(band, j, count, &m), key));
+  for (int64_t j = 0; j < count; j += 16) {
+    __mmask16 m;
+    total += _mm_popcnt_u32(_mm512_mask_cmpeq_epi32_mask(m, band_keys16(band, j, count, &m), key));
   }
   return total;
 }
@@ -1084,17 +1108,17 @@ inline void write_code_changes(const uint32_t* changes, int64_t nchanges, int64_
   }
 }
 
-// The band's elements of one chunk (flat order), once the threshold is known:
-// those with key > thr, and the first `budget` with key == thr, are kept (code
-// sign(x) + 1; a kept zero has code 1). The scan wrote the codes for
-// key > guess; the decision is made 16 entries at a time and only the codes
-// that differ are rewritten. Entries: pattern | offset << 16 for bf16/fp16
-// (uint32), pattern | offset << 32 for fp32 (uint64); both are split into 16
-// 32-bit patterns and offsets for the decision.
-template <typename E>
-DQ_AVX512 void compeft_fixup(const E* band, int64_t count, int64_t b, uint32_t guess, uint32_t thr, int64_t budget,
-                             uint8_t* packed) {
-  constexpr uint32_t kSign = sizeof(E) == 4 ? 0x8000u : 0x80000000u;
+// The band's elements of one chunk starting at element b (flat order), once
+// the threshold is known: those with key > thr, and the first `budget` with
+// key == thr, are kept (code sign(x) + 1; a kept zero has code 1). The scan
+// wrote the codes for key > guess; the decision is made 16 elements at a time
+// and only the codes that differ are rewritten. Patterns P (uint16_t for
+// bf16/fp16, uint32_t for fp32) and offsets in the chunk O (uint16_t or
+// uint32_t) are both widened to 32-bit lanes.
+template <typename P, typename O>
+DQ_AVX512 void compeft_fixup(const P* band, const O* offsets, int64_t count, int64_t b, uint32_t guess, uint32_t thr,
+                             int64_t budget, uint8_t* packed) {
+  constexpr uint32_t kSign = sizeof(P) == 2 ? 0x8000u : 0x80000000u;
   const __m512i key_mask = _mm512_set1_epi32(static_cast<int32_t>(kSign - 1)),
                 sign = _mm512_set1_epi32(static_cast<int32_t>(kSign)), tv = _mm512_set1_epi32(static_cast<int32_t>(thr)),
                 guessv = _mm512_set1_epi32(static_cast<int32_t>(guess)), one = _mm512_set1_epi32(1),
@@ -1102,19 +1126,15 @@ DQ_AVX512 void compeft_fixup(const E* band, int64_t count, int64_t b, uint32_t g
   static_assert(kCompeftChunk / 8 + 16 <= 8208, "a chunk keeps at most kCompeftChunk / 8 band elements");
   alignas(64) uint32_t changes[8208];  // offset << 2 | new code, in flat order
   int64_t nchanges = 0;
+  auto load32 = [](auto* p, __mmask16 m) DQ_AVX512 {  // 16 entries as 32-bit lanes (past m: 0)
+    if constexpr (sizeof(*p) == 2)
+      return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    else
+      return _mm512_maskz_loadu_epi32(m, p);
+  };
   for (int64_t j = 0; j < count; j += 16) {
     const __mmask16 m = first_lanes(count - j);
-    __m512i pattern, offset;
-    if constexpr (sizeof(E) == 4) {
-      pattern = _mm512_maskz_loadu_epi32(m, band + j);
-      offset = _mm512_srli_epi32(pattern, 16);
-    } else {
-      const __m512i lo = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(m), band + j);
-      const __m512i hi = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(m >> 8), band + j + 8);
-      pattern = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
-      offset = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(_mm512_srli_epi64(lo, 32))),
-                                  _mm512_cvtepi64_epi32(_mm512_srli_epi64(hi, 32)), 1);
-    }
+    const __m512i pattern = load32(band + j, m), offset = load32(offsets + j, m);
     const __m512i key = _mm512_and_si512(pattern, key_mask);
     uint32_t keep = _mm512_cmpgt_epu32_mask(key, tv) & m;
     if (budget > 0) keep |= take_ties(_mm512_cmpeq_epu32_mask(key, tv) & m, budget);
@@ -1145,29 +1165,26 @@ DQ_AVX512 void compeft_codes_chunk(const uint16_t* h, int64_t b, int64_t e, uint
 
 // ---- ComPEFT, fp32: the same plan on 31-bit magnitude keys ----
 // The band, the guess and the per-chunk histograms use the coarse key
-// (key >> 15, as many bins around the threshold as bf16 has); band entries
-// keep the whole pattern (pattern | offset << 32), and the exact threshold
-// inside the coarse bin comes from a histogram of the low 15 bits of that
-// bin's entries.
+// (key >> 15, as many bins around the threshold as bf16 has); band patterns
+// are whole, and the exact threshold inside the coarse bin comes from a
+// histogram of the low 15 bits of that bin's patterns.
 
-// x[b, e) of fp32 (b a multiple of 16): as compeft_scan. Moments: 16 fp64 lanes
-// (two vectors of 8), each adding one element of every 16 (at most
-// kCompeftChunk / 16 terms per lane), then 1 + 3 levels of vector additions.
+// x[b, e) of fp32 (b a multiple of 16): as compeft_scan (band and offsets: at
+// least e - b + 16 slots each). Moments: 16 fp64 lanes (two vectors of 8),
+// each adding one element of every 16 (at most kCompeftChunk / 16 terms per
+// lane), then 1 + 3 levels of vector additions.
 DQ_AVX512 int64_t compeft_scan32(const uint32_t* u, int64_t b, int64_t e, CompeftBand range, uint8_t* packed,
-                                 uint64_t* band, CompeftChunk* out) {
+                                 uint32_t* band, uint32_t* offsets, CompeftChunk* out) {
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF),
                 lov = _mm512_set1_epi32(static_cast<int32_t>(range.lo << 15)),
                 guessv = _mm512_set1_epi32(static_cast<int32_t>((range.guess << 15) | 0x7FFFu)),
                 hiv = _mm512_set1_epi32(static_cast<int32_t>((range.hi << 15) | 0x7FFFu));
-  __m512i offsets[2];  // each lane's offset in the chunk, in bits 32-47, for the two halves of the next vector
-  offsets[0] = _mm512_slli_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), 32);
-  offsets[1] = _mm512_add_epi64(offsets[0], _mm512_set1_epi64(int64_t(8) << 32));
-  const __m512i step = _mm512_set1_epi64(int64_t(16) << 32);
+  __m512i lane_offsets = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);  // of the next vector
   __m512d s1[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, s2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
   __m512i kmax = _mm512_setzero_si512();
   int64_t above = 0, nband = 0;
-  // One vector: its lanes kept as if key > guess (no zero is: guess >= 0) and its negative lanes; the
-  // codes are stored 32 at a time (one code word per two vectors).
+  // One vector: its lanes kept as if key > guess (no zero is: guess >= 0) and its negative lanes; its band
+  // lanes go to band and offsets. The codes are stored 32 at a time (one code word per two vectors).
   auto scan16 = [&](__mmask16 m, __m512i v, uint32_t* kept, uint32_t* negative) DQ_AVX512 __attribute__((always_inline)) {
     const __m512i a = _mm512_and_si512(v, absmask);  // lanes past e are +0.0: no key, no sum
     kmax = _mm512_max_epu32(kmax, a);
@@ -1176,13 +1193,12 @@ DQ_AVX512 int64_t compeft_scan32(const uint32_t* u, int64_t b, int64_t e, Compef
     *kept = _mm512_cmpgt_epu32_mask(a, guessv);
     *negative = _mm512_movepi32_mask(v);
     const __mmask16 in_band = _mm512_mask_cmpge_epu32_mask(m & ~over, a, lov);
+    _mm512_storeu_si512(band + nband, _mm512_maskz_compress_epi32(in_band, v));
+    _mm512_storeu_si512(offsets + nband, _mm512_maskz_compress_epi32(in_band, lane_offsets));
+    nband += _mm_popcnt_u32(in_band);
+    lane_offsets = _mm512_add_epi32(lane_offsets, _mm512_set1_epi32(16));
     for (int half = 0; half < 2; ++half) {
       const __m256i part = half ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
-      const __mmask8 lanes = static_cast<__mmask8>(in_band >> (8 * half));
-      _mm512_storeu_si512(band + nband,
-                          _mm512_maskz_compress_epi64(lanes, _mm512_or_si512(_mm512_cvtepu32_epi64(part), offsets[half])));
-      nband += _mm_popcnt_u32(lanes);
-      offsets[half] = _mm512_add_epi64(offsets[half], step);
       const __m512d d = _mm512_cvtps_pd(_mm256_castsi256_ps(part));  // exact
       s1[half] = _mm512_add_pd(s1[half], d);
       s2[half] = _mm512_fmadd_pd(d, d, s2[half]);  // d * d is exact in fp64: one rounding, as an add
@@ -1626,14 +1642,18 @@ float abs_mean_avx512(const T* x, int64_t n) {
 }
 
 // The band elements of one call, per scanning thread: each thread appends its
-// chunks' elements to its own buffer and lists its chunks, so the fix-up reads
-// each buffer as one stream. The buffers belong to the calling thread (made in
-// its constructor, used from the workers) and keep their capacity between calls:
-// no page faults on the next call, no clearing.
+// chunks' elements (patterns, and offsets in their chunk, both of type E) to
+// its own buffers and lists its chunks, so the fix-up reads each buffer as one
+// stream. The buffers belong to the calling thread (made in its constructor,
+// used from the workers) and keep their capacity between calls: no page faults
+// on the next call, no clearing.
 template <typename E>
 struct BandBuffers {
-  std::vector<std::vector<E>>& of;              // of[t]: thread t's elements
-  std::vector<int64_t> used;                    // of[t][0, used[t]) hold elements
+  struct PerThread {
+    std::vector<E> patterns, offsets;
+  };
+  std::vector<PerThread>& of;                   // of[t]: thread t's elements
+  std::vector<int64_t> used;                    // of[t].*[0, used[t]) hold elements
   std::vector<std::vector<int64_t>> chunks_of;  // the chunks thread t scanned, in order
   const int nthreads;
 
@@ -1642,18 +1662,22 @@ struct BandBuffers {
     used.assign(static_cast<size_t>(nthreads), 0);
     chunks_of.resize(static_cast<size_t>(nthreads));
   }
-  static std::vector<std::vector<E>>& calling_thread() {
-    static thread_local std::vector<std::vector<E>> buffers;
+  static std::vector<PerThread>& calling_thread() {
+    static thread_local std::vector<PerThread> buffers;
     return buffers;
   }
   // (t, first): the running worker and where a chunk of up to `elements` band
-  // elements starts in its buffer (room for a 64-byte store past them too).
+  // elements starts in its buffers (room for a 64-byte store past them too).
   std::pair<int, int64_t> open(int64_t elements) {
     const int t = at::get_thread_num();
     TORCH_CHECK(t >= 0 && t < nthreads, "deltaops._C: internal error: thread ", t, " of ", nthreads);
     const int64_t first = used[t], need = first + elements + 64 / static_cast<int64_t>(sizeof(E));
-    if (static_cast<int64_t>(of[t].size()) < need)
-      of[t].resize(std::max(2 * of[t].size(), static_cast<size_t>(need)));
+    PerThread& buf = of[t];
+    if (static_cast<int64_t>(buf.patterns.size()) < need) {
+      const size_t grown = std::max(2 * buf.patterns.size(), static_cast<size_t>(need));
+      buf.patterns.resize(grown);
+      buf.offsets.resize(grown);
+    }
     return {t, first};
   }
   void close(int t, int64_t chunk, int64_t first, int64_t kept) {
@@ -1721,13 +1745,16 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
   uint8_t* out = packed.data_ptr<uint8_t>();
   std::vector<CompeftChunk> chunks(static_cast<size_t>(nchunks));
   std::vector<uint32_t> hist(static_cast<size_t>(nchunks * width), 0u);  // per chunk: hist[key - lo]
-  BandBuffers<uint32_t> bands;  // pattern | offset in the chunk << 16
+  BandBuffers<uint16_t> bands;
+  const bool vbmi2 = vbmi2_enabled();
   parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
     const auto [t, first] = bands.open(e - b);
     const int64_t c = b / kCompeftChunk;
     CompeftChunk& chunk = chunks[c];
-    uint32_t* band = bands.of[t].data() + first;
-    const int64_t count = compeft_scan<kBF16>(h, b, e, range, out, band, &chunk);
+    uint16_t* band = bands.of[t].patterns.data() + first;
+    uint16_t* offsets = bands.of[t].offsets.data() + first;
+    const int64_t count = vbmi2 ? compeft_scan<kBF16, true>(h, b, e, range, out, band, offsets, &chunk)
+                                : compeft_scan<kBF16, false>(h, b, e, range, out, band, offsets, &chunk);
     count_band_keys(band, count, range.lo, width, hist.data() + c * width);
     // Up to an eighth of the chunk is kept aside (at most n / 2 bytes in all); a chunk
     // with more (heavy ties at the threshold) is rewritten from x once it is known.
@@ -1755,8 +1782,8 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
         if (chunks[c].rescan)
           compeft_codes_chunk(h, b, e, static_cast<uint16_t>(thr), budget[c], out);
         else
-          compeft_fixup(bands.of[t].data() + chunks[c].first, chunks[c].count, b, range.guess,
-                        static_cast<uint32_t>(thr), budget[c], out);
+          compeft_fixup(bands.of[t].patterns.data() + chunks[c].first, bands.of[t].offsets.data() + chunks[c].first,
+                        chunks[c].count, b, range.guess, static_cast<uint32_t>(thr), budget[c], out);
       }
     }
   });
@@ -1777,17 +1804,17 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   uint8_t* out = packed.data_ptr<uint8_t>();
   std::vector<CompeftChunk> chunks(static_cast<size_t>(nchunks));
   std::vector<uint32_t> hist(static_cast<size_t>(nchunks * width), 0u);  // per chunk: hist[coarse key - lo]
-  BandBuffers<uint64_t> bands;  // pattern | offset in the chunk << 32
+  BandBuffers<uint32_t> bands;
   std::atomic<bool> kept_all{true};
   parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
     const auto [t, first] = bands.open(e - b);
     const int64_t c = b / kCompeftChunk;
     CompeftChunk& chunk = chunks[c];
-    uint64_t* band = bands.of[t].data() + first;
-    const int64_t count = compeft_scan32(u, b, e, range, out, band, &chunk);
+    uint32_t* band = bands.of[t].patterns.data() + first;
+    const int64_t count = compeft_scan32(u, b, e, range, out, band, bands.of[t].offsets.data() + first, &chunk);
     uint32_t* chunk_hist = hist.data() + c * width;
     if (width > 0)
-      for (int64_t j = 0; j < count; ++j) ++chunk_hist[coarse_key(static_cast<uint32_t>(band[j])) - lo];
+      for (int64_t j = 0; j < count; ++j) ++chunk_hist[coarse_key(band[j]) - lo];
     const bool keep = count <= kCompeftChunk / 8;  // else too many to keep: the full top-k below
     if (!keep) kept_all = false;
     chunk.first = first;
@@ -1810,7 +1837,7 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       fine_of[t].assign(0x8000, 0);
-      count_fine_keys(bands.of[t].data(), bands.used[t], static_cast<uint32_t>(coarse), fine_of[t].data());
+      count_fine_keys(bands.of[t].patterns.data(), bands.used[t], static_cast<uint32_t>(coarse), fine_of[t].data());
     }
   });
   std::vector<int64_t> fine(0x8000, 0);
@@ -1824,15 +1851,15 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t)
       for (const int64_t c : bands.chunks_of[t])
-        ties[c] = count_equal_keys(bands.of[t].data() + chunks[c].first, chunks[c].count, thr);
+        ties[c] = count_equal_keys(bands.of[t].patterns.data() + chunks[c].first, chunks[c].count, thr);
   });
   const std::vector<int64_t> budget = tie_budgets(ties, take);
   const uint32_t guess = (range.guess << 15) | 0x7FFFu;
   at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t)
       for (const int64_t c : bands.chunks_of[t])
-        compeft_fixup(bands.of[t].data() + chunks[c].first, chunks[c].count, c * kCompeftChunk, guess, thr,
-                        budget[c], out);
+        compeft_fixup(bands.of[t].patterns.data() + chunks[c].first, bands.of[t].offsets.data() + chunks[c].first,
+                      chunks[c].count, c * kCompeftChunk, guess, thr, budget[c], out);
   });
   return packed;
 }

@@ -559,6 +559,26 @@ at::Tensor philox_uniform_range(int64_t first, int64_t count, int64_t seed, int6
 
 std::string isa() { return K().name; }
 
+namespace {
+bool cpu_runs_vbmi2() {
+#if DELTAOPS_HAVE_AVX512_KERNELS && defined(__GNUC__)
+  __builtin_cpu_init();
+  return cpu_runs_avx512() && __builtin_cpu_supports("avx512vbmi2");
+#else
+  return false;
+#endif
+}
+std::atomic<bool> g_vbmi2{cpu_runs_vbmi2()};
+}  // namespace
+
+bool vbmi2_enabled() { return g_vbmi2.load(std::memory_order_relaxed); }
+
+bool set_vbmi2(bool enabled) {
+  if (enabled && !cpu_runs_vbmi2()) throw ValueError("deltaops._C: this CPU has no AVX512-VBMI2 instructions");
+  g_vbmi2.store(enabled, std::memory_order_relaxed);
+  return enabled;
+}
+
 std::string set_isa(const std::string& name) {
   const Kernels* table = table_named(name);
   g_kernels.store(table, std::memory_order_release);
