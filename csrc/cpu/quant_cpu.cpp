@@ -1044,22 +1044,34 @@ DQ_AVX512 inline uint32_t take_ties(uint32_t equal, int64_t& budget) {
   return taken;
 }
 
-// hist[key - lo] += 1 for the keys of `count` band patterns. A narrow band
-// (the usual case: about ten keys for bf16) is counted key by key with vector
-// compares: scalar increments of a few bins queue behind each other.
-DQ_AVX512 void count_band_keys(const uint16_t* band, int64_t count, uint16_t lo, int64_t width, uint32_t* hist) {
+// hist[key - lo] += 1 for the keys of `count` band patterns (coarse_key: the
+// magnitude of bf16/fp16, its top 16 bits for fp32). A narrow band (the usual
+// case: about ten keys) is counted key by key with vector compares: scalar
+// increments of a few bins queue behind each other.
+template <typename P>
+DQ_AVX512 void count_band_keys(const P* band, int64_t count, uint32_t lo, int64_t width, uint32_t* hist) {
   if (width > 64) {
-    for (int64_t j = 0; j < count; ++j) ++hist[(band[j] & 0x7FFFu) - lo];
+    for (int64_t j = 0; j < count; ++j) ++hist[coarse_key(band[j]) - lo];
     return;
   }
-  const __m512i key_mask = _mm512_set1_epi16(0x7FFF);
   for (int64_t w = 0; w < width; ++w) {
-    const __m512i key = _mm512_set1_epi16(static_cast<int16_t>(lo + w));
+    const uint32_t key = lo + static_cast<uint32_t>(w);
     int64_t total = 0;
-    for (int64_t j = 0; j < count; j += 32) {
-      const __mmask32 m = count - j >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (count - j)) - 1u);
-      const __m512i pattern = _mm512_maskz_loadu_epi16(m, band + j);
-      total += _mm_popcnt_u32(_mm512_mask_cmpeq_epu16_mask(m, _mm512_and_si512(pattern, key_mask), key));
+    if constexpr (sizeof(P) == 2) {
+      const __m512i keyv = _mm512_set1_epi16(static_cast<int16_t>(key)), key_mask = _mm512_set1_epi16(0x7FFF);
+      for (int64_t j = 0; j < count; j += 32) {
+        const __mmask32 m = count - j >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (count - j)) - 1u);
+        const __m512i pattern = _mm512_maskz_loadu_epi16(m, band + j);
+        total += _mm_popcnt_u32(_mm512_mask_cmpeq_epu16_mask(m, _mm512_and_si512(pattern, key_mask), keyv));
+      }
+    } else {
+      const __m512i keyv = _mm512_set1_epi32(static_cast<int32_t>(key)), key_mask = _mm512_set1_epi32(0x7FFFFFFF);
+      for (int64_t j = 0; j < count; j += 16) {
+        const __mmask16 m = first_lanes(count - j);
+        const __m512i pattern = _mm512_maskz_loadu_epi32(m, band + j);
+        total += _mm_popcnt_u32(
+            _mm512_mask_cmpeq_epu32_mask(m, _mm512_srli_epi32(_mm512_and_si512(pattern, key_mask), 15), keyv));
+      }
     }
     hist[w] += static_cast<uint32_t>(total);
   }
@@ -1812,9 +1824,7 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
     CompeftChunk& chunk = chunks[c];
     uint32_t* band = bands.of[t].patterns.data() + first;
     const int64_t count = compeft_scan32(u, b, e, range, out, band, bands.of[t].offsets.data() + first, &chunk);
-    uint32_t* chunk_hist = hist.data() + c * width;
-    if (width > 0)
-      for (int64_t j = 0; j < count; ++j) ++chunk_hist[coarse_key(band[j]) - lo];
+    count_band_keys(band, count, range.lo, width, hist.data() + c * width);
     const bool keep = count <= kCompeftChunk / 8;  // else too many to keep: the full top-k below
     if (!keep) kept_all = false;
     chunk.first = first;
