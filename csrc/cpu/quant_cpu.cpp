@@ -958,26 +958,26 @@ struct CompeftChunk {
 };
 
 // Stores the 16-bit lanes of v selected by m, in lane order, at out (writes
-// up to 32 lanes: out needs that room); returns how many were selected. With
-// AVX512-VBMI2 one vpcompressw, as inline asm so that no function around it
-// needs that target (and the compiler emits no other VBMI2 instruction for a
-// CPU without it); else each half widened, compressed as 32-bit lanes and
-// narrowed (the band's 32-bit compresses took a quarter of ComPEFT's scan).
-template <bool VBMI2>
+// 32 lanes: out needs that room); returns how many were selected. One
+// vpcompressw (AVX512-VBMI2), as inline asm so that no function around it
+// needs that target (and the compiler emits no VBMI2 instruction for a CPU
+// without it: callers check).
 DQ_AVX512 inline __attribute__((always_inline)) int64_t compress_store16(uint32_t m, __m512i v, uint16_t* out) {
-  if constexpr (VBMI2) {
-    __m512i packed;
-    asm("vpcompressw %1, %0%{%2%}%{z%}" : "=v"(packed) : "v"(v), "Yk"(static_cast<__mmask32>(m)));
-    _mm512_storeu_si512(out, packed);
-  } else {
-    const __m512i low = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(v));
-    const __m512i high = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
-                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(static_cast<__mmask16>(m), low)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + _mm_popcnt_u32(m & 0xFFFFu)),
-                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(static_cast<__mmask16>(m >> 16), high)));
-  }
+  __m512i packed;
+  asm("vpcompressw %1, %0%{%2%}%{z%}" : "=v"(packed) : "v"(v), "Yk"(static_cast<__mmask32>(m)));
+  _mm512_storeu_si512(out, packed);
   return _mm_popcnt_u32(m);
+}
+
+// Band entries made without VBMI2 (pattern | offset << 16: one 32-bit
+// compress per 16 elements) into their two arrays, 16 at a time.
+DQ_AVX512 void split_band_entries(const uint32_t* entries, int64_t count, uint16_t* band, uint16_t* offsets) {
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 m = first_lanes(count - j);
+    const __m512i entry = _mm512_maskz_loadu_epi32(m, entries + j);
+    _mm256_mask_storeu_epi16(band + j, m, _mm512_cvtepi32_epi16(entry));
+    _mm256_mask_storeu_epi16(offsets + j, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(entry, 16)));
+  }
 }
 
 // x[b, e) of a 16-bit type (b a multiple of 32): codes as if `guess` were the
@@ -985,12 +985,15 @@ DQ_AVX512 inline __attribute__((always_inline)) int64_t compress_store16(uint32_
 // none when lo > hi) compressed into `band` and their offsets in the chunk into
 // `offsets` (each at least e - b + 32 slots), without a branch per vector (one on
 // "this vector has a band key" would be mispredicted about every other
-// vector); returns how many. Moments: 32 fp64 lanes (four vectors of 8), each
+// vector); returns how many. With VBMI2 the patterns and offsets are
+// compressed as 16-bit lanes; without, as 32-bit entries (widened: twice the
+// compresses, which took a quarter of the scan) into `scratch` (e - b + 16
+// slots) and split after the loop. Moments: 32 fp64 lanes (four vectors of 8), each
 // adding one element of every 32 (at most kCompeftChunk / 32 terms per lane),
 // then 2 + 3 levels of vector additions.
 template <bool BF16, bool VBMI2>
 DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftBand range, uint8_t* packed,
-                               uint16_t* band, uint16_t* offsets, CompeftChunk* out) {
+                               uint16_t* band, uint16_t* offsets, uint32_t* scratch, CompeftChunk* out) {
   const __m512i abs16 = _mm512_set1_epi16(0x7FFF), lov = _mm512_set1_epi16(static_cast<int16_t>(range.lo)),
                 guessv = _mm512_set1_epi16(static_cast<int16_t>(range.guess)),
                 hiv = _mm512_set1_epi16(static_cast<int16_t>(range.hi)),
@@ -999,6 +1002,9 @@ DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftB
                                                       11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
                                                       22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
   __m512i lane_offsets = _mm512_load_si512(kLanes);  // of the next vector's lanes in the chunk
+  __m512i entry_offsets[2];  // without VBMI2: the same in bits 16-31, per half of the next vector
+  entry_offsets[0] = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kLanes))), 16);
+  entry_offsets[1] = _mm512_add_epi32(entry_offsets[0], _mm512_set1_epi32(16 << 16));
   __m512d s1[4], s2[4];
   for (int j = 0; j < 4; ++j) s1[j] = s2[j] = _mm512_setzero_pd();
   __m512i kmax = _mm512_setzero_si512();
@@ -1011,9 +1017,19 @@ DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftB
     // kept as if key > guess (no zero is: guess >= 0)
     store_ternary_codes(_mm512_cmpgt_epu16_mask(a, guessv), _mm512_movepi16_mask(v), m, len, packed + i / 4);
     const uint32_t in_band = _mm512_cmpge_epu16_mask(a, lov) & m & ~over;
-    compress_store16<VBMI2>(in_band, lane_offsets, offsets + nband);
-    nband += compress_store16<VBMI2>(in_band, v, band + nband);
-    lane_offsets = _mm512_add_epi16(lane_offsets, _mm512_set1_epi16(32));
+    if constexpr (VBMI2) {
+      compress_store16(in_band, lane_offsets, offsets + nband);
+      nband += compress_store16(in_band, v, band + nband);
+      lane_offsets = _mm512_add_epi16(lane_offsets, _mm512_set1_epi16(32));
+    } else {
+      for (int half = 0; half < 2; ++half) {
+        const __m512i wide = _mm512_cvtepu16_epi32(half ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v));
+        const __mmask16 lanes = static_cast<__mmask16>(in_band >> (16 * half));
+        _mm512_storeu_si512(scratch + nband, _mm512_maskz_compress_epi32(lanes, _mm512_or_si512(wide, entry_offsets[half])));
+        nband += _mm_popcnt_u32(lanes);
+        entry_offsets[half] = _mm512_add_epi32(entry_offsets[half], _mm512_set1_epi32(32 << 16));
+      }
+    }
     // x in fp32 (both exact): bf16 as the even and the odd 16-bit lanes (the
     // sums need no element order), fp16 as the two halves of the vector
     const __m512 f[2] = {
@@ -1032,6 +1048,7 @@ DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftB
   alignas(64) uint16_t keys[32];
   _mm512_store_si512(keys, kmax);
   out->max_key = *std::max_element(keys, keys + 32);
+  if constexpr (!VBMI2) split_band_entries(scratch, nband, band, offsets);
   return nband;
 }
 
@@ -1765,8 +1782,9 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
     CompeftChunk& chunk = chunks[c];
     uint16_t* band = bands.of[t].patterns.data() + first;
     uint16_t* offsets = bands.of[t].offsets.data() + first;
-    const int64_t count = vbmi2 ? compeft_scan<kBF16, true>(h, b, e, range, out, band, offsets, &chunk)
-                                : compeft_scan<kBF16, false>(h, b, e, range, out, band, offsets, &chunk);
+    uint32_t* scratch = vbmi2 ? nullptr : reinterpret_cast<uint32_t*>(thread_scratch(e - b + 16));
+    const int64_t count = vbmi2 ? compeft_scan<kBF16, true>(h, b, e, range, out, band, offsets, scratch, &chunk)
+                                : compeft_scan<kBF16, false>(h, b, e, range, out, band, offsets, scratch, &chunk);
     count_band_keys(band, count, range.lo, width, hist.data() + c * width);
     // Up to an eighth of the chunk is kept aside (at most n / 2 bytes in all); a chunk
     // with more (heavy ties at the threshold) is rewritten from x once it is known.
