@@ -166,11 +166,39 @@ def test_sign_and_absmean_large_and_odd_shapes(isa, dtype):
              f"{isa} absmean {shape}")
 
 
+def absmean_cases(dtype):
+    """Tensors above the size where the CPU kernel reads a bf16 delta once (2^17
+    elements), one per path: the band of threshold keys from a sample, codes
+    fixed up, chunks rewritten, the band missed."""
+    n = 300_007
+    g = torch.Generator().manual_seed(13)
+    normal = torch.randn(n, generator=g) * 1e-3
+    yield "normal", normal.to(dtype)
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    # half the elements at 1/3 and half at 1: the threshold (mean / 2) is next to
+    # 1/3, so every chunk has more band elements than it keeps aside
+    yield "half at the threshold", (torch.where(torch.rand(n, generator=g) < 0.5, 1.0, 1.0 / 3.0) * signs).to(dtype)
+    misleading = normal.clone()
+    misleading[torch.arange(65536) * n // 65536] = 1.0  # the sampled elements: a mean far too large
+    yield "sample misses", misleading.to(dtype)
+    yield "zeros (s = 1e-5)", torch.zeros(n, dtype=dtype)
+    rows = torch.randn(300, 1001, generator=g) * torch.exp(torch.rand(300, 1, generator=g) * 2.3) * 1e-4
+    yield "row scales", rows.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_absmean_on_large_tensors(isa, vbmi2, dtype):
+    """BitNet absmean's one-read path (bf16) and the two-pass one: codes and scale
+    bit for bit against the reference, 1 and 2 threads alike."""
+    for name, x in absmean_cases(dtype):
+        same(on_cpu(qops.quantize_ternary_absmean_op, x), ref.quantize_ternary_absmean(x), f"{isa} {name}")
+
+
 def test_exact_mean_windows(isa):
     # per 2048-element block: values 2^-40 below the block's largest (below the
-    # 24-exponent window), blocks of subnormals only, a block of zeros, and
-    # magnitudes up to 3.2e38 (the sum of a block passes 2^59 units only if the
-    # window rule is wrong)
+    # exponent windows, 24 for fp32 and 20 for bf16), blocks of subnormals only,
+    # a block of zeros, and magnitudes up to 3.2e38 (the sum of a block passes
+    # 2^59 units only if the window rule is wrong)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6 * 2048 + 77, generator=g)
     x[:2048] *= torch.exp2(torch.randint(-60, 1, (2048,), generator=g).float())

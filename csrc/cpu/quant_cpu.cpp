@@ -759,22 +759,25 @@ DQ_AVX512 inline uint16_t sign_bits16(__m512i u) {
 // NaN or inf (nothing added then). While the second loop runs on the block in
 // L1, the next block (x[n, 2n)) is prefetched, so that memory keeps streaming.
 // abs_block for bf16, on the 16-bit patterns: the scan takes 32 elements per
-// vector, and the window sum uses the 8-bit significand m8 (m = m8 << 16):
-// m8 << (e - base) < 2^32 for e - base <= 24, added in 32-bit lanes with a
-// carry count, and the block's sum S8 credited to bin base + 16
-// (m << (e - base) = (m8 << (e - base)) << 16). Same bins, fewer operations.
-template <bool CODES>
-DQ_AVX512 bool abs_block_bf16(const bf16_t* x, int64_t n, AbsBins* bins, uint8_t* codes) {
+// vector, and the window sum uses the 8-bit significand m8 (m = m8 << 16) on
+// a window of 20 exponents, base = E - 20: m8 << (e - base) < 2^28, so 16 of
+// them add up in a 32-bit lane without overflow (the lanes go into 64-bit
+// sums every 16 vectors), and the block's sum S8 is credited to bin base + 16
+// (m << (e - base) = (m8 << (e - base)) << 16). Same bins, fewer operations;
+// the narrower window leaves more elements to the bin-by-bin path, but only
+// those 2^20 times below the block's largest (a block of 2048 normal samples
+// has one about once in 200 blocks). The first loop also calls
+// visit(i, len, m, v, a, nonzero) on each vector (v: 32 patterns, a: |v|),
+// which writes codes where the caller wants them.
+template <typename Visit>
+DQ_AVX512 bool abs_block_bf16(const bf16_t* x, int64_t n, AbsBins* bins, const Visit& visit) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(x);
   const __m512i abs16 = _mm512_set1_epi16(0x7FFF);
   __m512i worst = _mm512_setzero_si512(), least = _mm512_set1_epi16(-1);
   for_patterns32(h, 0, n, [&](int64_t i, int64_t len, __mmask32 m, __m512i v) DQ_AVX512 __attribute__((always_inline)) {
     const __m512i a = _mm512_and_si512(v, abs16);
     const __mmask32 nonzero = _mm512_test_epi16_mask(a, a);
-    if constexpr (CODES) {  // code 0 where x < 0: sign bit set and |x| != 0
-      const uint32_t bits = ~static_cast<uint32_t>(_mm512_movepi16_mask(v) & nonzero) & m;
-      std::memcpy(codes + i / 8, &bits, static_cast<size_t>((len + 7) / 8));
-    }
+    visit(i, len, m, v, a, nonzero);
     worst = _mm512_max_epu16(worst, a);
     least = _mm512_mask_min_epu16(least, nonzero, least, a);
   });
@@ -782,7 +785,7 @@ DQ_AVX512 bool abs_block_bf16(const bf16_t* x, int64_t n, AbsBins* bins, uint8_t
                                                                      _mm512_and_si512(worst, _mm512_set1_epi32(0xFFFF))));
   if (top_bits >= 0x7F80u) return false;
   if (!bins) return true;
-  const int32_t base = static_cast<int32_t>(top_bits >> 7) - 24;
+  const int32_t base = static_cast<int32_t>(top_bits >> 7) - 20;
   if (base < 1) {  // tiny values only: bin by bin (as add_abs_bins)
     add_abs_each(x, n, *bins);
     return true;
@@ -790,26 +793,36 @@ DQ_AVX512 bool abs_block_bf16(const bf16_t* x, int64_t n, AbsBins* bins, uint8_t
   const uint32_t least_bits = _mm512_reduce_min_epu32(_mm512_min_epu32(_mm512_srli_epi32(least, 16),
                                                                        _mm512_and_si512(least, _mm512_set1_epi32(0xFFFF))));
   const __m512i vbase = _mm512_set1_epi32(base), abs32 = _mm512_set1_epi32(0x7FFF);
-  const __m512i mant = _mm512_set1_epi32(0x7F), implicit = _mm512_set1_epi32(0x80), one = _mm512_set1_epi32(1);
-  __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+  const __m512i mant = _mm512_set1_epi32(0x7F), implicit = _mm512_set1_epi32(0x80);
+  __m512i part = _mm512_setzero_si512(), sum = _mm512_setzero_si512();  // 32-bit lanes; 64-bit lanes
   auto add16 = [&](__m512i v) DQ_AVX512 {  // v: 16 bf16 patterns in 32-bit lanes
     const __m512i a = _mm512_and_si512(v, abs32);
     const __m512i sh = _mm512_sub_epi32(_mm512_srli_epi32(a, 7), vbase);
-    const __m512i t = _mm512_sllv_epi32(_mm512_ternarylogic_epi32(a, mant, implicit, 0xEA), sh);
-    lo = _mm512_add_epi32(lo, t);
-    hi = _mm512_mask_add_epi32(hi, _mm512_cmplt_epu32_mask(lo, t), hi, one);  // carries
+    part = _mm512_add_epi32(part, _mm512_sllv_epi32(_mm512_ternarylogic_epi32(a, mant, implicit, 0xEA), sh));
+  };
+  auto flush = [&]() DQ_AVX512 {
+    sum = _mm512_add_epi64(sum, _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(part)),
+                                                 _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(part, 1))));
+    part = _mm512_setzero_si512();
+  };
+  auto load16 = [&](int64_t i) DQ_AVX512 {
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i)));
   };
   const int64_t full = n & ~int64_t(15);
-  for (int64_t i = 0; i < full; i += 16) {
+  int64_t i = 0;
+  for (; i + 256 <= full; i += 256) {
+    for (int64_t j = i; j < i + 256; j += 16) {
+      prefetch16(x, n + j, 1);
+      add16(load16(j));
+    }
+    flush();
+  }
+  for (; i < full; i += 16) {
     prefetch16(x, n + i, 1);
-    add16(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+    add16(load16(i));
   }
   if (full < n) add16(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first_lanes(n - full), h + full)));
-  const __m512i sum = _mm512_add_epi64(
-      _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(lo)),
-                       _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(lo, 1))),
-      _mm512_slli_epi64(_mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(hi)),
-                                         _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(hi, 1))), 32));
+  flush();
   bins->add(base + 16, static_cast<uint64_t>(_mm512_reduce_add_epi64(sum)));
   if (least_bits < (static_cast<uint32_t>(base) << 7))  // non-zero elements below the window
     add_abs_each(x, n, *bins, base);
@@ -818,7 +831,15 @@ DQ_AVX512 bool abs_block_bf16(const bf16_t* x, int64_t n, AbsBins* bins, uint8_t
 
 template <typename T, bool CODES>
 DQ_AVX512 bool abs_block(const T* x, int64_t n, AbsBins* bins, uint8_t* codes) {
-  if constexpr (std::is_same_v<T, bf16_t>) return abs_block_bf16<CODES>(x, n, bins, codes);
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    return abs_block_bf16(x, n, bins, [&](int64_t i, int64_t len, __mmask32 m, __m512i v, __m512i, __mmask32 nonzero)
+                                          DQ_AVX512 __attribute__((always_inline)) {
+      if constexpr (CODES) {  // code 0 where x < 0: sign bit set and |x| != 0
+        const uint32_t bits = ~static_cast<uint32_t>(_mm512_movepi16_mask(v) & nonzero) & m;
+        std::memcpy(codes + i / 8, &bits, static_cast<size_t>((len + 7) / 8));
+      }
+    });
+  }
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   // largest |x| and smallest non-zero |x| (as bits; masked lanes read +0.0)
   __m512i worst = _mm512_setzero_si512(), least = _mm512_set1_epi32(-1);
@@ -1892,6 +1913,142 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   return packed;
 }
 
+// ---- BitNet absmean, bf16, in one read of x ----
+// As ComPEFT's scan: a band of threshold keys comes from a sample's mean |x|;
+// one pass sums |x| exactly (abs_block_bf16), writes every code as if the
+// sample's guess were the threshold key and keeps the band's elements aside;
+// once the exact mean gives the exact key, the codes between the two are
+// rewritten (compeft_fixup with no ties). The two-pass path (exact mean, then
+// the codes) reads x twice.
+
+// Band of bf16 threshold keys (x is kept iff its magnitude pattern is at
+// least the key of ternary_threshold(s)): the keys of s = the sample's mean
+// |x| (the guess) and of +-6 standard errors of it, widened by two keys. Only
+// the speed depends on it; an empty band (lo > hi) when the sample is not finite.
+inline uint32_t absmean_key(double s) {
+  const double clamped = std::min(std::max(s, static_cast<double>(kAbsmeanEps)), 3.0e38);
+  return (f32_bits(ternary_threshold(static_cast<float>(clamped))) + 0xFFFFu) >> 16;
+}
+
+CompeftBand absmean_band(const uint16_t* h, int64_t n) {
+  constexpr int64_t S = kCompeftSample;
+  std::vector<float> sample(static_cast<size_t>(S));
+  at::parallel_for(0, S, 4096, [&](int64_t jb, int64_t je) {
+    for (int64_t j = jb; j < je; ++j) sample[j] = std::fabs(bf16_to_f32(h[j * n / S]));
+  });
+  double sum = 0.0, squares = 0.0;
+  for (const float a : sample) {
+    sum += a;
+    squares += static_cast<double>(a) * a;
+  }
+  const double mean = sum / S, spread = 6.0 * std::sqrt(std::max(squares / S - mean * mean, 0.0) / S);
+  if (!std::isfinite(mean + spread)) return {1, 0, 0};  // empty: no exact key falls in it, every code is rewritten
+  return {std::max<uint32_t>(absmean_key(mean - spread), 3) - 2, absmean_key(mean),
+          std::min<uint32_t>(absmean_key(mean + spread) + 2, 0x7F80u)};
+}
+
+// One chunk [b, e) of the scan (b a multiple of 2048): exact |x| sums into
+// `bins`, codes for key >= range.guess into packed, the band's elements (key
+// in [lo, hi]) into band / offsets (compressed as compeft_scan does); returns
+// how many, or -1 on NaN/inf.
+template <bool VBMI2>
+DQ_AVX512 int64_t absmean_scan(const bf16_t* x, int64_t b, int64_t e, CompeftBand range, AbsBins& bins,
+                               uint8_t* packed, uint16_t* band, uint16_t* offsets, uint32_t* scratch) {
+  alignas(64) static constexpr uint16_t kLanes[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
+                                                      11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                                      22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+  const __m512i lanes = _mm512_load_si512(kLanes), lov = _mm512_set1_epi16(static_cast<int16_t>(range.lo)),
+                guessv = _mm512_set1_epi16(static_cast<int16_t>(range.guess)),
+                hiv = _mm512_set1_epi16(static_cast<int16_t>(range.hi));
+  int64_t nband = 0;
+  bool finite = true;
+  for (int64_t bb = b; bb < e; bb += kBlock512) {
+    const int64_t chunk_at = bb - b;  // of the block in the chunk
+    finite &= abs_block_bf16(x + bb, std::min(kBlock512, e - bb), &bins,
+                             [&](int64_t i, int64_t len, __mmask32 m, __m512i v, __m512i a, __mmask32)
+                                 DQ_AVX512 __attribute__((always_inline)) {
+      store_ternary_codes(_mm512_cmpge_epu16_mask(a, guessv), _mm512_movepi16_mask(v), m, len, packed + (bb + i) / 4);
+      const uint32_t in_band = _mm512_mask_cmpge_epu16_mask(m, a, lov) & _mm512_cmple_epu16_mask(a, hiv);
+      const __m512i lane_offsets = _mm512_add_epi16(lanes, _mm512_set1_epi16(static_cast<int16_t>(chunk_at + i)));
+      if constexpr (VBMI2) {
+        compress_store16(in_band, lane_offsets, offsets + nband);
+        nband += compress_store16(in_band, v, band + nband);
+      } else {
+        for (int half = 0; half < 2; ++half) {
+          const auto part = [&](__m512i w) DQ_AVX512 {
+            return _mm512_cvtepu16_epi32(half ? _mm512_extracti64x4_epi64(w, 1) : _mm512_castsi512_si256(w));
+          };
+          const __m512i entry = _mm512_or_si512(part(v), _mm512_slli_epi32(part(lane_offsets), 16));
+          const __mmask16 lanes16 = static_cast<__mmask16>(in_band >> (16 * half));
+          _mm512_storeu_si512(scratch + nband, _mm512_maskz_compress_epi32(lanes16, entry));
+          nband += _mm_popcnt_u32(lanes16);
+        }
+      }
+    });
+  }
+  if constexpr (!VBMI2) split_band_entries(scratch, nband, band, offsets);
+  return finite ? nband : -1;
+}
+
+// Per chunk of the scan: its band elements in the buffers of the thread that scanned it.
+struct AbsmeanChunk {
+  int64_t first = 0, count = 0;
+  bool rescan = false;  // too many band elements to keep aside: rewrite the chunk
+};
+
+// BitNet absmean of a bf16 tensor (n > 2 * kCompeftSample): codes into
+// packed, returns the exact mean |x|; throws on NaN/inf.
+float absmean_one_read(const bf16_t* x, int64_t n, uint8_t* packed) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(x);
+  const CompeftBand range = absmean_band(h, n);
+  const int64_t nchunks = (n + kCompeftChunk - 1) / kCompeftChunk;
+  std::vector<AbsmeanChunk> chunks(static_cast<size_t>(nchunks));
+  BandBuffers<uint16_t> bands;
+  std::vector<AbsBins> bins(static_cast<size_t>(bands.nthreads));  // exact integer sums: any order
+  for (AbsBins& b : bins) b.clear();
+  std::atomic<bool> finite{true};
+  const bool vbmi2 = vbmi2_enabled();
+  parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
+    const auto [t, first] = bands.open(e - b);
+    uint16_t* band = bands.of[t].patterns.data() + first;
+    uint16_t* offsets = bands.of[t].offsets.data() + first;
+    uint32_t* scratch = vbmi2 ? nullptr : reinterpret_cast<uint32_t*>(thread_scratch(e - b + 16));
+    const int64_t count = vbmi2 ? absmean_scan<true>(x, b, e, range, bins[t], packed, band, offsets, scratch)
+                                : absmean_scan<false>(x, b, e, range, bins[t], packed, band, offsets, scratch);
+    if (count < 0) finite = false;
+    AbsmeanChunk& chunk = chunks[b / kCompeftChunk];
+    chunk.rescan = count > kCompeftChunk / 8;
+    chunk.first = first;
+    chunk.count = chunk.rescan || count < 0 ? 0 : count;
+    bands.close(t, b / kCompeftChunk, first, chunk.count);
+  });
+  if (!finite) throw_nonfinite(x, n, "x");
+  AbsBins total;
+  total.clear();
+  for (const AbsBins& b : bins) total.merge(b);
+  const float mean = abs_mean_from_bins(total.lo, n, total.hi);
+  const uint32_t t_bits = f32_bits(ternary_threshold(mean > kAbsmeanEps ? mean : kAbsmeanEps));
+  const uint32_t key = (t_bits + 0xFFFFu) >> 16;
+  // the codes that differ have keys in [min(guess, key), max(guess, key)): all in the band?
+  if (key < range.lo || key > range.hi + 1) {
+    parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) { ternary_chunk(x, b, e, t_bits, packed); });
+    return mean;
+  }
+  at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      for (const int64_t c : bands.chunks_of[t]) {
+        const int64_t b = c * kCompeftChunk, e = std::min(n, b + kCompeftChunk);
+        if (chunks[c].rescan)
+          ternary_chunk(x, b, e, t_bits, packed);
+        else  // kept iff key >= `key`: compeft_fixup's key > key - 1, no ties
+          compeft_fixup(bands.of[t].patterns.data() + chunks[c].first, bands.of[t].offsets.data() + chunks[c].first,
+                        chunks[c].count, b, range.guess - 1, key - 1, 0, packed);
+      }
+    }
+  });
+  return mean;
+}
+
 #pragma GCC diagnostic pop
 #endif  // DELTAOPS_QUANT_AVX512
 
@@ -1976,12 +2133,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_ternary_absmean(const at::Tensor& x)
     const T* data = static_cast<const T*>(x.data_ptr());
 #if DELTAOPS_QUANT_AVX512
     if (use_avx512()) {
-      const float mean = abs_mean_avx512(data, x.numel());
-      const float s = mean > kAbsmeanEps ? mean : kAbsmeanEps;
-      scale = at::full({1, 1}, s, x.options().dtype(at::kFloat));
       const int64_t n = x.numel(), nbytes = packed_nbytes(n, 2);
       packed = new_output({nbytes}, x.options().dtype(at::kByte));
       uint8_t* out = packed.data_ptr<uint8_t>();
+      if constexpr (std::is_same_v<T, bf16_t>) {
+        if (n > 2 * kCompeftSample) {
+          const float mean = absmean_one_read(data, n, out);
+          scale = at::full({1, 1}, mean > kAbsmeanEps ? mean : kAbsmeanEps, x.options().dtype(at::kFloat));
+          return;
+        }
+      }
+      const float mean = abs_mean_avx512(data, n);
+      const float s = mean > kAbsmeanEps ? mean : kAbsmeanEps;
+      scale = at::full({1, 1}, s, x.options().dtype(at::kFloat));
       const uint32_t t_bits = f32_bits(ternary_threshold(s));
       parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) { ternary_chunk(data, b, e, t_bits, out); });
       return;
