@@ -978,6 +978,14 @@ struct CompeftChunk {
   bool rescan = false;        // too many band elements to keep aside: rewrite the chunk
 };
 
+// 0, 1, ..., 31 in the 16-bit lanes.
+DQ_AVX512 inline __m512i lane_index16() {
+  alignas(64) static constexpr uint16_t kLanes[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
+                                                      11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                                      22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+  return _mm512_load_si512(kLanes);
+}
+
 // Stores the 16-bit lanes of v selected by m, in lane order, at out (writes
 // 32 lanes: out needs that room); returns how many were selected. One
 // vpcompressw (AVX512-VBMI2), as inline asm so that no function around it
@@ -990,8 +998,33 @@ DQ_AVX512 inline __attribute__((always_inline)) int64_t compress_store16(uint32_
   return _mm_popcnt_u32(m);
 }
 
-// Band entries made without VBMI2 (pattern | offset << 16: one 32-bit
-// compress per 16 elements) into their two arrays, 16 at a time.
+// Appends the lanes of v selected by in_band (band elements of a 32-element
+// vector) to band, and their offsets in the chunk (lane_offsets) to offsets,
+// at nband. With VBMI2 as 16-bit lanes; without, as 32-bit entries
+// (pattern | offset << 16: widened, so twice the compresses, which took a
+// quarter of ComPEFT's scan) into scratch, for split_band_entries once the
+// chunk is scanned.
+template <bool VBMI2>
+DQ_AVX512 inline __attribute__((always_inline)) void keep_band_lanes(uint32_t in_band, __m512i v, __m512i lane_offsets,
+                                                                     uint16_t* band, uint16_t* offsets,
+                                                                     uint32_t* scratch, int64_t& nband) {
+  if constexpr (VBMI2) {
+    compress_store16(in_band, lane_offsets, offsets + nband);
+    nband += compress_store16(in_band, v, band + nband);
+  } else {
+    for (int half = 0; half < 2; ++half) {
+      const auto wide = [&](__m512i w) DQ_AVX512 {
+        return _mm512_cvtepu16_epi32(half ? _mm512_extracti64x4_epi64(w, 1) : _mm512_castsi512_si256(w));
+      };
+      const __m512i entry = _mm512_or_si512(wide(v), _mm512_slli_epi32(wide(lane_offsets), 16));
+      const __mmask16 lanes = static_cast<__mmask16>(in_band >> (16 * half));
+      _mm512_storeu_si512(scratch + nband, _mm512_maskz_compress_epi32(lanes, entry));
+      nband += _mm_popcnt_u32(lanes);
+    }
+  }
+}
+
+// The 32-bit entries of keep_band_lanes without VBMI2 into their two arrays.
 DQ_AVX512 void split_band_entries(const uint32_t* entries, int64_t count, uint16_t* band, uint16_t* offsets) {
   for (int64_t j = 0; j < count; j += 16) {
     const __mmask16 m = first_lanes(count - j);
@@ -1004,12 +1037,10 @@ DQ_AVX512 void split_band_entries(const uint32_t* entries, int64_t count, uint16
 // x[b, e) of a 16-bit type (b a multiple of 32): codes as if `guess` were the
 // threshold into `packed` (guess <= hi); the band's elements (key in [lo, hi];
 // none when lo > hi) compressed into `band` and their offsets in the chunk into
-// `offsets` (each at least e - b + 32 slots), without a branch per vector (one on
+// `offsets` (each at least e - b + 32 slots; keep_band_lanes, with `scratch`
+// of e - b + 16 slots without VBMI2), without a branch per vector (one on
 // "this vector has a band key" would be mispredicted about every other
-// vector); returns how many. With VBMI2 the patterns and offsets are
-// compressed as 16-bit lanes; without, as 32-bit entries (widened: twice the
-// compresses, which took a quarter of the scan) into `scratch` (e - b + 16
-// slots) and split after the loop. Moments: 32 fp64 lanes (four vectors of 8), each
+// vector); returns how many. Moments: 32 fp64 lanes (four vectors of 8), each
 // adding one element of every 32 (at most kCompeftChunk / 32 terms per lane),
 // then 2 + 3 levels of vector additions.
 template <bool BF16, bool VBMI2>
@@ -1019,13 +1050,7 @@ DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftB
                 guessv = _mm512_set1_epi16(static_cast<int16_t>(range.guess)),
                 hiv = _mm512_set1_epi16(static_cast<int16_t>(range.hi)),
                 high_halves = _mm512_set1_epi32(int32_t(0xFFFF0000u));
-  alignas(64) static constexpr uint16_t kLanes[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
-                                                      11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
-                                                      22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
-  __m512i lane_offsets = _mm512_load_si512(kLanes);  // of the next vector's lanes in the chunk
-  __m512i entry_offsets[2];  // without VBMI2: the same in bits 16-31, per half of the next vector
-  entry_offsets[0] = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kLanes))), 16);
-  entry_offsets[1] = _mm512_add_epi32(entry_offsets[0], _mm512_set1_epi32(16 << 16));
+  __m512i lane_offsets = lane_index16();  // of the next vector's lanes in the chunk
   __m512d s1[4], s2[4];
   for (int j = 0; j < 4; ++j) s1[j] = s2[j] = _mm512_setzero_pd();
   __m512i kmax = _mm512_setzero_si512();
@@ -1038,19 +1063,8 @@ DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftB
     // kept as if key > guess (no zero is: guess >= 0)
     store_ternary_codes(_mm512_cmpgt_epu16_mask(a, guessv), _mm512_movepi16_mask(v), m, len, packed + i / 4);
     const uint32_t in_band = _mm512_cmpge_epu16_mask(a, lov) & m & ~over;
-    if constexpr (VBMI2) {
-      compress_store16(in_band, lane_offsets, offsets + nband);
-      nband += compress_store16(in_band, v, band + nband);
-      lane_offsets = _mm512_add_epi16(lane_offsets, _mm512_set1_epi16(32));
-    } else {
-      for (int half = 0; half < 2; ++half) {
-        const __m512i wide = _mm512_cvtepu16_epi32(half ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v));
-        const __mmask16 lanes = static_cast<__mmask16>(in_band >> (16 * half));
-        _mm512_storeu_si512(scratch + nband, _mm512_maskz_compress_epi32(lanes, _mm512_or_si512(wide, entry_offsets[half])));
-        nband += _mm_popcnt_u32(lanes);
-        entry_offsets[half] = _mm512_add_epi32(entry_offsets[half], _mm512_set1_epi32(32 << 16));
-      }
-    }
+    keep_band_lanes<VBMI2>(in_band, v, lane_offsets, band, offsets, scratch, nband);
+    lane_offsets = _mm512_add_epi16(lane_offsets, _mm512_set1_epi16(32));
     // x in fp32 (both exact): bf16 as the even and the odd 16-bit lanes (the
     // sums need no element order), fp16 as the two halves of the vector
     const __m512 f[2] = {
@@ -1949,15 +1963,12 @@ CompeftBand absmean_band(const uint16_t* h, int64_t n) {
 
 // One chunk [b, e) of the scan (b a multiple of 2048): exact |x| sums into
 // `bins`, codes for key >= range.guess into packed, the band's elements (key
-// in [lo, hi]) into band / offsets (compressed as compeft_scan does); returns
-// how many, or -1 on NaN/inf.
+// in [lo, hi]) into band / offsets (keep_band_lanes); returns how many, or -1
+// on NaN/inf.
 template <bool VBMI2>
 DQ_AVX512 int64_t absmean_scan(const bf16_t* x, int64_t b, int64_t e, CompeftBand range, AbsBins& bins,
                                uint8_t* packed, uint16_t* band, uint16_t* offsets, uint32_t* scratch) {
-  alignas(64) static constexpr uint16_t kLanes[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
-                                                      11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
-                                                      22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
-  const __m512i lanes = _mm512_load_si512(kLanes), lov = _mm512_set1_epi16(static_cast<int16_t>(range.lo)),
+  const __m512i lanes = lane_index16(), lov = _mm512_set1_epi16(static_cast<int16_t>(range.lo)),
                 guessv = _mm512_set1_epi16(static_cast<int16_t>(range.guess)),
                 hiv = _mm512_set1_epi16(static_cast<int16_t>(range.hi));
   int64_t nband = 0;
@@ -1970,20 +1981,7 @@ DQ_AVX512 int64_t absmean_scan(const bf16_t* x, int64_t b, int64_t e, CompeftBan
       store_ternary_codes(_mm512_cmpge_epu16_mask(a, guessv), _mm512_movepi16_mask(v), m, len, packed + (bb + i) / 4);
       const uint32_t in_band = _mm512_mask_cmpge_epu16_mask(m, a, lov) & _mm512_cmple_epu16_mask(a, hiv);
       const __m512i lane_offsets = _mm512_add_epi16(lanes, _mm512_set1_epi16(static_cast<int16_t>(chunk_at + i)));
-      if constexpr (VBMI2) {
-        compress_store16(in_band, lane_offsets, offsets + nband);
-        nband += compress_store16(in_band, v, band + nband);
-      } else {
-        for (int half = 0; half < 2; ++half) {
-          const auto part = [&](__m512i w) DQ_AVX512 {
-            return _mm512_cvtepu16_epi32(half ? _mm512_extracti64x4_epi64(w, 1) : _mm512_castsi512_si256(w));
-          };
-          const __m512i entry = _mm512_or_si512(part(v), _mm512_slli_epi32(part(lane_offsets), 16));
-          const __mmask16 lanes16 = static_cast<__mmask16>(in_band >> (16 * half));
-          _mm512_storeu_si512(scratch + nband, _mm512_maskz_compress_epi32(lanes16, entry));
-          nband += _mm_popcnt_u32(lanes16);
-        }
-      }
+      keep_band_lanes<VBMI2>(in_band, v, lane_offsets, band, offsets, scratch, nband);
     });
   }
   if constexpr (!VBMI2) split_band_entries(scratch, nband, band, offsets);
