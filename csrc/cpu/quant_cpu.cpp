@@ -373,11 +373,24 @@ void scaled_codes(const T* __restrict x, int64_t n, float s, float z, float maxq
     codes[i] = static_cast<uint8_t>(uniform_code_scaled(load_f32(x[i]), s, z, maxq));
 }
 
+// Per-thread scratch of at least n elements of T, kept between calls (one
+// buffer per thread and element type).
+template <typename T>
+T* thread_scratch(int64_t n) {
+  static thread_local std::vector<T> scratch;
+  if (scratch.size() < static_cast<size_t>(n)) scratch.resize(static_cast<size_t>(n));
+  return scratch.data();
+}
+
 // ---- ComPEFT: the sampled band of keys (AVX-512 table), fp64 moments (portable table) ----
 
 constexpr int64_t kCompeftChunk = int64_t(1) << 16;  // a multiple of 32: chunks start on whole bytes of codes
 constexpr int64_t kCompeftSample = int64_t(1) << 16;
 constexpr int64_t kMaxBandCells = int64_t(1) << 22;  // per-chunk band histograms: 16 MiB at most
+// Band elements a chunk keeps aside (at most n / 2 bytes in all for 16-bit
+// types); a chunk with more (heavy ties at the threshold) is rewritten from x
+// once the threshold is known.
+constexpr int64_t kKeptPerChunk = kCompeftChunk / 8;
 
 // A band [lo, hi] of magnitude keys that should hold the k-th largest
 // (1 <= k <= n), and `guess`, the sample's own k-th largest: order statistics
@@ -974,8 +987,6 @@ struct CompeftChunk {
   double s1 = 0.0, s2 = 0.0;  // sum x, sum x^2 (fp64)
   int64_t above = 0;          // keys > hi
   uint32_t max_key = 0;       // largest |x| pattern (NaN/inf check)
-  int64_t first = 0, count = 0;  // its band elements: [first, first + count) of the buffers of the thread that scanned it
-  bool rescan = false;        // too many band elements to keep aside: rewrite the chunk
 };
 
 // 0, 1, ..., 31 in the 16-bit lanes.
@@ -1002,8 +1013,8 @@ DQ_AVX512 inline __attribute__((always_inline)) int64_t compress_store16(uint32_
 // vector) to band, and their offsets in the chunk (lane_offsets) to offsets,
 // at nband. With VBMI2 as 16-bit lanes; without, as 32-bit entries
 // (pattern | offset << 16: widened, so twice the compresses, which took a
-// quarter of ComPEFT's scan) into scratch, for split_band_entries once the
-// chunk is scanned.
+// quarter of ComPEFT's scan) into scratch (band_entry_scratch), for
+// split_band_entries once the chunk is scanned.
 template <bool VBMI2>
 DQ_AVX512 inline __attribute__((always_inline)) void keep_band_lanes(uint32_t in_band, __m512i v, __m512i lane_offsets,
                                                                      uint16_t* band, uint16_t* offsets,
@@ -1024,6 +1035,12 @@ DQ_AVX512 inline __attribute__((always_inline)) void keep_band_lanes(uint32_t in
   }
 }
 
+// keep_band_lanes' scratch for a chunk of n elements (nullptr with VBMI2).
+template <bool VBMI2>
+inline uint32_t* band_entry_scratch(int64_t n) {
+  return VBMI2 ? nullptr : thread_scratch<uint32_t>(n + 16);
+}
+
 // The 32-bit entries of keep_band_lanes without VBMI2 into their two arrays.
 DQ_AVX512 void split_band_entries(const uint32_t* entries, int64_t count, uint16_t* band, uint16_t* offsets) {
   for (int64_t j = 0; j < count; j += 16) {
@@ -1037,15 +1054,14 @@ DQ_AVX512 void split_band_entries(const uint32_t* entries, int64_t count, uint16
 // x[b, e) of a 16-bit type (b a multiple of 32): codes as if `guess` were the
 // threshold into `packed` (guess <= hi); the band's elements (key in [lo, hi];
 // none when lo > hi) compressed into `band` and their offsets in the chunk into
-// `offsets` (each at least e - b + 32 slots; keep_band_lanes, with `scratch`
-// of e - b + 16 slots without VBMI2), without a branch per vector (one on
-// "this vector has a band key" would be mispredicted about every other
-// vector); returns how many. Moments: 32 fp64 lanes (four vectors of 8), each
+// `offsets` (each at least e - b + 32 slots; keep_band_lanes), without a
+// branch per vector (one on "this vector has a band key" would be
+// mispredicted about every other vector); returns how many. Moments: 32 fp64 lanes (four vectors of 8), each
 // adding one element of every 32 (at most kCompeftChunk / 32 terms per lane),
 // then 2 + 3 levels of vector additions.
 template <bool BF16, bool VBMI2>
 DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftBand range, uint8_t* packed,
-                               uint16_t* band, uint16_t* offsets, uint32_t* scratch, CompeftChunk* out) {
+                               uint16_t* band, uint16_t* offsets, CompeftChunk* out) {
   const __m512i abs16 = _mm512_set1_epi16(0x7FFF), lov = _mm512_set1_epi16(static_cast<int16_t>(range.lo)),
                 guessv = _mm512_set1_epi16(static_cast<int16_t>(range.guess)),
                 hiv = _mm512_set1_epi16(static_cast<int16_t>(range.hi)),
@@ -1055,6 +1071,7 @@ DQ_AVX512 int64_t compeft_scan(const uint16_t* h, int64_t b, int64_t e, CompeftB
   for (int j = 0; j < 4; ++j) s1[j] = s2[j] = _mm512_setzero_pd();
   __m512i kmax = _mm512_setzero_si512();
   int64_t above = 0, nband = 0;
+  uint32_t* scratch = band_entry_scratch<VBMI2>(e - b);
   for_patterns32(h, b, e, [&](int64_t i, int64_t len, __mmask32 m, __m512i v) DQ_AVX512 __attribute__((always_inline)) {
     const __m512i a = _mm512_and_si512(v, abs16);  // lanes past e are +0.0: no key, no sum
     kmax = _mm512_max_epu16(kmax, a);
@@ -1187,7 +1204,7 @@ DQ_AVX512 void compeft_fixup(const P* band, const O* offsets, int64_t count, int
                 sign = _mm512_set1_epi32(static_cast<int32_t>(kSign)), tv = _mm512_set1_epi32(static_cast<int32_t>(thr)),
                 guessv = _mm512_set1_epi32(static_cast<int32_t>(guess)), one = _mm512_set1_epi32(1),
                 two = _mm512_set1_epi32(2);
-  static_assert(kCompeftChunk / 8 + 16 <= 8208, "a chunk keeps at most kCompeftChunk / 8 band elements");
+  static_assert(kKeptPerChunk + 16 <= 8208, "a chunk keeps at most kKeptPerChunk band elements");
   alignas(64) uint32_t changes[8208];  // offset << 2 | new code, in flat order
   int64_t nchanges = 0;
   auto load32 = [](auto* p, __mmask16 m) DQ_AVX512 {  // 16 entries as 32-bit lanes (past m: 0)
@@ -1624,14 +1641,6 @@ DQ_AVX512 void apply_chunk(T* w, const uint8_t* packed, int64_t nbytes, const fl
 
 // ---- drivers (threading; no AVX-512 code of their own) ----
 
-// Per-thread scratch of at least n floats, kept between calls (one buffer per
-// thread for every dtype and bit width).
-float* thread_scratch(int64_t n) {
-  static thread_local std::vector<float> scratch;
-  if (scratch.size() < static_cast<size_t>(n)) scratch.resize(static_cast<size_t>(n));
-  return scratch.data();
-}
-
 // abs_mean_from_bins for bins whose non-zero entries span few exponents (a
 // row's usually span a handful): the total as one 128-bit integer at the
 // lowest of them, converted to double by the compiler's correctly rounded
@@ -1710,18 +1719,31 @@ float abs_mean_avx512(const T* x, int64_t n) {
 // its own buffers and lists its chunks, so the fix-up reads each buffer as one
 // stream. The buffers belong to the calling thread (made in its constructor,
 // used from the workers) and keep their capacity between calls: no page faults
-// on the next call, no clearing.
+// on the next call, no clearing. Per chunk: where its elements are, how many,
+// and whether it kept them (at most kKeptPerChunk) or is to be rewritten.
 template <typename E>
 struct BandBuffers {
   struct PerThread {
     std::vector<E> patterns, offsets;
   };
+  struct Slot {  // where the chunk being scanned puts its band elements
+    int t;
+    int64_t first;
+    E* patterns;
+    E* offsets;
+  };
   std::vector<PerThread>& of;                   // of[t]: thread t's elements
   std::vector<int64_t> used;                    // of[t].*[0, used[t]) hold elements
   std::vector<std::vector<int64_t>> chunks_of;  // the chunks thread t scanned, in order
+  std::vector<int> thread_of;                   // per chunk: the thread that scanned it
+  std::vector<int64_t> first_of, count_of;      // per chunk: its elements in that thread's buffers
+  std::vector<char> rewrite_of;                 // per chunk: too many band elements to keep
   const int nthreads;
 
-  BandBuffers() : of(calling_thread()), nthreads(at::get_num_threads()) {
+  explicit BandBuffers(int64_t nchunks)
+      : of(calling_thread()), thread_of(static_cast<size_t>(nchunks)), first_of(static_cast<size_t>(nchunks)),
+        count_of(static_cast<size_t>(nchunks)), rewrite_of(static_cast<size_t>(nchunks)),
+        nthreads(at::get_num_threads()) {
     of.resize(static_cast<size_t>(nthreads));
     used.assign(static_cast<size_t>(nthreads), 0);
     chunks_of.resize(static_cast<size_t>(nthreads));
@@ -1730,9 +1752,9 @@ struct BandBuffers {
     static thread_local std::vector<PerThread> buffers;
     return buffers;
   }
-  // (t, first): the running worker and where a chunk of up to `elements` band
-  // elements starts in its buffers (room for a 64-byte store past them too).
-  std::pair<int, int64_t> open(int64_t elements) {
+  // The running worker's slot for a chunk of up to `elements` band elements
+  // (room for a 64-byte store past them too).
+  Slot open(int64_t elements) {
     const int t = at::get_thread_num();
     TORCH_CHECK(t >= 0 && t < nthreads, "deltaops._C: internal error: thread ", t, " of ", nthreads);
     const int64_t first = used[t], need = first + elements + 64 / static_cast<int64_t>(sizeof(E));
@@ -1742,11 +1764,31 @@ struct BandBuffers {
       buf.patterns.resize(grown);
       buf.offsets.resize(grown);
     }
-    return {t, first};
+    return {t, first, buf.patterns.data() + first, buf.offsets.data() + first};
   }
-  void close(int t, int64_t chunk, int64_t first, int64_t kept) {
-    used[t] = first + kept;
-    chunks_of[t].push_back(chunk);
+  // Chunk c, scanned into `slot`, found `count` band elements: kept when at
+  // most kKeptPerChunk, else the chunk is to be rewritten.
+  void close(const Slot& slot, int64_t c, int64_t count) {
+    const bool keep = count <= kKeptPerChunk;
+    thread_of[c] = slot.t;
+    first_of[c] = slot.first;
+    count_of[c] = keep ? count : 0;
+    rewrite_of[c] = !keep;
+    used[slot.t] = slot.first + count_of[c];
+    chunks_of[slot.t].push_back(c);
+  }
+  const E* patterns(int64_t c) const { return of[thread_of[c]].patterns.data() + first_of[c]; }
+  const E* offsets(int64_t c) const { return of[thread_of[c]].offsets.data() + first_of[c]; }
+  int64_t count(int64_t c) const { return count_of[c]; }
+  bool rewrite(int64_t c) const { return rewrite_of[c] != 0; }
+  // f(c) for every chunk, each thread's chunks in order on one thread (its
+  // buffers read as one stream), the threads in parallel.
+  template <typename F>
+  void for_each_chunk(const F& f) const {
+    at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t)
+        for (const int64_t c : chunks_of[t]) f(c);
+    });
   }
 };
 
@@ -1809,24 +1851,16 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
   uint8_t* out = packed.data_ptr<uint8_t>();
   std::vector<CompeftChunk> chunks(static_cast<size_t>(nchunks));
   std::vector<uint32_t> hist(static_cast<size_t>(nchunks * width), 0u);  // per chunk: hist[key - lo]
-  BandBuffers<uint16_t> bands;
+  BandBuffers<uint16_t> bands(nchunks);
   const bool vbmi2 = vbmi2_enabled();
   parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
-    const auto [t, first] = bands.open(e - b);
+    const auto slot = bands.open(e - b);
     const int64_t c = b / kCompeftChunk;
-    CompeftChunk& chunk = chunks[c];
-    uint16_t* band = bands.of[t].patterns.data() + first;
-    uint16_t* offsets = bands.of[t].offsets.data() + first;
-    uint32_t* scratch = vbmi2 ? nullptr : reinterpret_cast<uint32_t*>(thread_scratch(e - b + 16));
-    const int64_t count = vbmi2 ? compeft_scan<kBF16, true>(h, b, e, range, out, band, offsets, scratch, &chunk)
-                                : compeft_scan<kBF16, false>(h, b, e, range, out, band, offsets, scratch, &chunk);
-    count_band_keys(band, count, range.lo, width, hist.data() + c * width);
-    // Up to an eighth of the chunk is kept aside (at most n / 2 bytes in all); a chunk
-    // with more (heavy ties at the threshold) is rewritten from x once it is known.
-    chunk.rescan = count > kCompeftChunk / 8;
-    chunk.first = first;
-    chunk.count = chunk.rescan ? 0 : count;
-    bands.close(t, c, first, chunk.count);
+    const int64_t count =
+        vbmi2 ? compeft_scan<kBF16, true>(h, b, e, range, out, slot.patterns, slot.offsets, &chunks[c])
+              : compeft_scan<kBF16, false>(h, b, e, range, out, slot.patterns, slot.offsets, &chunks[c]);
+    count_band_keys(slot.patterns, count, range.lo, width, hist.data() + c * width);
+    bands.close(slot, c, count);
   });
   const auto [max_key, above] = add_up_chunks(chunks, moments);
   if (max_key >= (kBF16 ? 0x7F80u : 0x7C00u)) throw_nonfinite(static_cast<const T*>(x.data_ptr()), n, "x");
@@ -1840,17 +1874,13 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
   std::vector<int64_t> ties(static_cast<size_t>(nchunks));
   for (int64_t c = 0; c < nchunks; ++c) ties[c] = hist[c * width + (thr - lo)];
   const std::vector<int64_t> budget = tie_budgets(ties, k - count);
-  at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
-    for (int64_t t = tb; t < te; ++t) {
-      for (const int64_t c : bands.chunks_of[t]) {
-        const int64_t b = c * kCompeftChunk, e = std::min(n, b + kCompeftChunk);
-        if (chunks[c].rescan)
-          compeft_codes_chunk(h, b, e, static_cast<uint16_t>(thr), budget[c], out);
-        else
-          compeft_fixup(bands.of[t].patterns.data() + chunks[c].first, bands.of[t].offsets.data() + chunks[c].first,
-                        chunks[c].count, b, range.guess, static_cast<uint32_t>(thr), budget[c], out);
-      }
-    }
+  bands.for_each_chunk([&](int64_t c) {
+    const int64_t b = c * kCompeftChunk, e = std::min(n, b + kCompeftChunk);
+    if (bands.rewrite(c))
+      compeft_codes_chunk(h, b, e, static_cast<uint16_t>(thr), budget[c], out);
+    else
+      compeft_fixup(bands.patterns(c), bands.offsets(c), bands.count(c), b, range.guess, static_cast<uint32_t>(thr),
+                    budget[c], out);
   });
   return packed;
 }
@@ -1869,26 +1899,21 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   uint8_t* out = packed.data_ptr<uint8_t>();
   std::vector<CompeftChunk> chunks(static_cast<size_t>(nchunks));
   std::vector<uint32_t> hist(static_cast<size_t>(nchunks * width), 0u);  // per chunk: hist[coarse key - lo]
-  BandBuffers<uint32_t> bands;
-  std::atomic<bool> kept_all{true};
+  BandBuffers<uint32_t> bands(nchunks);
   parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
-    const auto [t, first] = bands.open(e - b);
+    const auto slot = bands.open(e - b);
     const int64_t c = b / kCompeftChunk;
-    CompeftChunk& chunk = chunks[c];
-    uint32_t* band = bands.of[t].patterns.data() + first;
-    const int64_t count = compeft_scan32(u, b, e, range, out, band, bands.of[t].offsets.data() + first, &chunk);
-    count_band_keys(band, count, range.lo, width, hist.data() + c * width);
-    const bool keep = count <= kCompeftChunk / 8;  // else too many to keep: the full top-k below
-    if (!keep) kept_all = false;
-    chunk.first = first;
-    chunk.count = keep ? count : 0;
-    bands.close(t, c, first, chunk.count);
+    const int64_t count = compeft_scan32(u, b, e, range, out, slot.patterns, slot.offsets, &chunks[c]);
+    count_band_keys(slot.patterns, count, range.lo, width, hist.data() + c * width);
+    bands.close(slot, c, count);
   });
   const auto [max_key, above] = add_up_chunks(chunks, moments);
   if (max_key >= 0x7F800000u) throw_nonfinite(static_cast<const float*>(x.data_ptr()), n, "x");
   // additions per term: in its lane, 1 + 3 levels of vector sums (counted as 1 + 7), one per chunk
   moments[2] = static_cast<double>(kCompeftChunk / 16 + 8 + nchunks);
   if (k == 0) return packed;
+  // a chunk with too many band elements to keep: the full top-k
+  const bool kept_all = std::none_of(bands.rewrite_of.begin(), bands.rewrite_of.end(), [](char r) { return r != 0; });
   if (!kept_all || width == 0) return compeft_pack(x, topk_mask(x, k));
 
   // the coarse bin of the k-th largest key, then its exact key among the bin's entries
@@ -1911,18 +1936,11 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   const uint32_t thr = (static_cast<uint32_t>(coarse) << 15) | static_cast<uint32_t>(low);
   const int64_t take = k - count;  // keys equal to thr that are kept, in flat order
   std::vector<int64_t> ties(static_cast<size_t>(nchunks), 0);
-  at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
-    for (int64_t t = tb; t < te; ++t)
-      for (const int64_t c : bands.chunks_of[t])
-        ties[c] = count_equal_keys(bands.of[t].patterns.data() + chunks[c].first, chunks[c].count, thr);
-  });
+  bands.for_each_chunk([&](int64_t c) { ties[c] = count_equal_keys(bands.patterns(c), bands.count(c), thr); });
   const std::vector<int64_t> budget = tie_budgets(ties, take);
   const uint32_t guess = (range.guess << 15) | 0x7FFFu;
-  at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
-    for (int64_t t = tb; t < te; ++t)
-      for (const int64_t c : bands.chunks_of[t])
-        compeft_fixup(bands.of[t].patterns.data() + chunks[c].first, bands.of[t].offsets.data() + chunks[c].first,
-                      chunks[c].count, c * kCompeftChunk, guess, thr, budget[c], out);
+  bands.for_each_chunk([&](int64_t c) {
+    compeft_fixup(bands.patterns(c), bands.offsets(c), bands.count(c), c * kCompeftChunk, guess, thr, budget[c], out);
   });
   return packed;
 }
@@ -1967,11 +1985,12 @@ CompeftBand absmean_band(const uint16_t* h, int64_t n) {
 // on NaN/inf.
 template <bool VBMI2>
 DQ_AVX512 int64_t absmean_scan(const bf16_t* x, int64_t b, int64_t e, CompeftBand range, AbsBins& bins,
-                               uint8_t* packed, uint16_t* band, uint16_t* offsets, uint32_t* scratch) {
+                               uint8_t* packed, uint16_t* band, uint16_t* offsets) {
   const __m512i lanes = lane_index16(), lov = _mm512_set1_epi16(static_cast<int16_t>(range.lo)),
                 guessv = _mm512_set1_epi16(static_cast<int16_t>(range.guess)),
                 hiv = _mm512_set1_epi16(static_cast<int16_t>(range.hi));
   int64_t nband = 0;
+  uint32_t* scratch = band_entry_scratch<VBMI2>(e - b);
   bool finite = true;
   for (int64_t bb = b; bb < e; bb += kBlock512) {
     const int64_t chunk_at = bb - b;  // of the block in the chunk
@@ -1988,63 +2007,45 @@ DQ_AVX512 int64_t absmean_scan(const bf16_t* x, int64_t b, int64_t e, CompeftBan
   return finite ? nband : -1;
 }
 
-// Per chunk of the scan: its band elements in the buffers of the thread that scanned it.
-struct AbsmeanChunk {
-  int64_t first = 0, count = 0;
-  bool rescan = false;  // too many band elements to keep aside: rewrite the chunk
-};
-
 // BitNet absmean of a bf16 tensor (n > 2 * kCompeftSample): codes into
-// packed, returns the exact mean |x|; throws on NaN/inf.
+// packed, returns the scale s = max(exact mean |x|, kAbsmeanEps); throws on
+// NaN/inf.
 float absmean_one_read(const bf16_t* x, int64_t n, uint8_t* packed) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(x);
   const CompeftBand range = absmean_band(h, n);
-  const int64_t nchunks = (n + kCompeftChunk - 1) / kCompeftChunk;
-  std::vector<AbsmeanChunk> chunks(static_cast<size_t>(nchunks));
-  BandBuffers<uint16_t> bands;
+  BandBuffers<uint16_t> bands((n + kCompeftChunk - 1) / kCompeftChunk);
   std::vector<AbsBins> bins(static_cast<size_t>(bands.nthreads));  // exact integer sums: any order
   for (AbsBins& b : bins) b.clear();
   std::atomic<bool> finite{true};
   const bool vbmi2 = vbmi2_enabled();
   parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
-    const auto [t, first] = bands.open(e - b);
-    uint16_t* band = bands.of[t].patterns.data() + first;
-    uint16_t* offsets = bands.of[t].offsets.data() + first;
-    uint32_t* scratch = vbmi2 ? nullptr : reinterpret_cast<uint32_t*>(thread_scratch(e - b + 16));
-    const int64_t count = vbmi2 ? absmean_scan<true>(x, b, e, range, bins[t], packed, band, offsets, scratch)
-                                : absmean_scan<false>(x, b, e, range, bins[t], packed, band, offsets, scratch);
+    const auto slot = bands.open(e - b);
+    const int64_t count = vbmi2 ? absmean_scan<true>(x, b, e, range, bins[slot.t], packed, slot.patterns, slot.offsets)
+                                : absmean_scan<false>(x, b, e, range, bins[slot.t], packed, slot.patterns, slot.offsets);
     if (count < 0) finite = false;
-    AbsmeanChunk& chunk = chunks[b / kCompeftChunk];
-    chunk.rescan = count > kCompeftChunk / 8;
-    chunk.first = first;
-    chunk.count = chunk.rescan || count < 0 ? 0 : count;
-    bands.close(t, b / kCompeftChunk, first, chunk.count);
+    bands.close(slot, b / kCompeftChunk, std::max<int64_t>(count, 0));
   });
   if (!finite) throw_nonfinite(x, n, "x");
   AbsBins total;
   total.clear();
   for (const AbsBins& b : bins) total.merge(b);
   const float mean = abs_mean_from_bins(total.lo, n, total.hi);
-  const uint32_t t_bits = f32_bits(ternary_threshold(mean > kAbsmeanEps ? mean : kAbsmeanEps));
+  const float s = mean > kAbsmeanEps ? mean : kAbsmeanEps;
+  const uint32_t t_bits = f32_bits(ternary_threshold(s));
   const uint32_t key = (t_bits + 0xFFFFu) >> 16;
   // the codes that differ have keys in [min(guess, key), max(guess, key)): all in the band?
   if (key < range.lo || key > range.hi + 1) {
     parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) { ternary_chunk(x, b, e, t_bits, packed); });
-    return mean;
+    return s;
   }
-  at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
-    for (int64_t t = tb; t < te; ++t) {
-      for (const int64_t c : bands.chunks_of[t]) {
-        const int64_t b = c * kCompeftChunk, e = std::min(n, b + kCompeftChunk);
-        if (chunks[c].rescan)
-          ternary_chunk(x, b, e, t_bits, packed);
-        else  // kept iff key >= `key`: compeft_fixup's key > key - 1, no ties
-          compeft_fixup(bands.of[t].patterns.data() + chunks[c].first, bands.of[t].offsets.data() + chunks[c].first,
-                        chunks[c].count, b, range.guess - 1, key - 1, 0, packed);
-      }
-    }
+  bands.for_each_chunk([&](int64_t c) {
+    const int64_t b = c * kCompeftChunk, e = std::min(n, b + kCompeftChunk);
+    if (bands.rewrite(c))
+      ternary_chunk(x, b, e, t_bits, packed);
+    else  // kept iff key >= `key`: compeft_fixup's key > key - 1, no ties
+      compeft_fixup(bands.patterns(c), bands.offsets(c), bands.count(c), b, range.guess - 1, key - 1, 0, packed);
   });
-  return mean;
+  return s;
 }
 
 #pragma GCC diagnostic pop
@@ -2136,8 +2137,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_ternary_absmean(const at::Tensor& x)
       uint8_t* out = packed.data_ptr<uint8_t>();
       if constexpr (std::is_same_v<T, bf16_t>) {
         if (n > 2 * kCompeftSample) {
-          const float mean = absmean_one_read(data, n, out);
-          scale = at::full({1, 1}, mean > kAbsmeanEps ? mean : kAbsmeanEps, x.options().dtype(at::kFloat));
+          scale = at::full({1, 1}, absmean_one_read(data, n, out), x.options().dtype(at::kFloat));
           return;
         }
       }
@@ -2246,7 +2246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_uniform(const at::Tensor
           constexpr int64_t stride = kChunk + 16;
           parallel_chunks(n, kChunk, [&](int64_t b, int64_t e) {
             uniform_chunk<T, B>(data, b, e, cols, group_size, groups, symmetric, s_out, z_out, out, nbytes,
-                                thread_scratch(5 * stride), stride, finite, overflow);
+                                thread_scratch<float>(5 * stride), stride, finite, overflow);
           });
         }
       });
