@@ -13,11 +13,12 @@ bandwidth measured in the same run):
   stored format read once (``nbytes``: packed codes, scales, zero points).
 * ``quantize``: the delta read once (2 bytes per element; 4 for the fp32
   ComPEFT row, the command line's case) plus the format written once.
-  Absmean needs its exact mean before its codes, so it reads the delta a
-  second time; that pass is not counted (the model counts what an ideal
-  kernel must move). The CPU kernels of sign and of the uniform
-  groups read the delta once (mean or group parameters, then codes, per
-  cache-sized chunk).
+  The CPU kernels read the delta once: sign and the uniform groups (mean or
+  group parameters, then codes, per cache-sized chunk), ComPEFT and bf16
+  absmean (codes for a sampled threshold, fixed up once the exact one is
+  known). Absmean on fp16/fp32 reads it a second time (its exact mean before
+  its codes); that pass is not counted (the model counts what an ideal
+  kernel must move).
 
 Besides the timing table, a second table gives each format's size against
 the bf16 delta and its reconstruction error ``||dq - delta||_F / ||delta||_F``

@@ -360,8 +360,8 @@ def cpu_has_vbmi2() -> bool:
 
 @pytest.fixture(params=[True, False], ids=["vbmi2", "no-vbmi2"])
 def vbmi2(request, isa):
-    """The avx512 table's ComPEFT scan with AVX512-VBMI2 compresses and with the
-    code written for CPUs without them (both run where the CPU has VBMI2)."""
+    """The avx512 table's ComPEFT and absmean scans with AVX512-VBMI2 compresses and
+    with the code written for CPUs without them (both run where the CPU has VBMI2)."""
     if request.param and (isa != "avx512" or not cpu_has_vbmi2()):
         pytest.skip("needs the avx512 table on a CPU with AVX512-VBMI2")
     if not request.param and isa != "avx512":
