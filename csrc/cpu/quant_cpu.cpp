@@ -382,6 +382,40 @@ T* thread_scratch(int64_t n) {
   return scratch.data();
 }
 
+// A driver's per-call bookkeeping (a sample, per-chunk sums and histograms):
+// n copies of `fill` in a vector the calling thread keeps between calls, one
+// per Role. Why: the op's large output comes from glibc's heap, and vectors
+// made and freed beside it on every call fragment that heap, so every few
+// calls the output no longer fits the hole it left and the heap grows again
+// (hundreds of page faults: 5-14 ms for a 3.5 ms ComPEFT call in
+// bench/quant.py's sequence of formats). Vectors above kKeptBytes are given
+// back when the call ends. Captured by reference in the workers' lambdas
+// (a thread_local named there would be the worker's own).
+template <typename T, typename Role>
+class KeptVector {
+ public:
+  static constexpr size_t kKeptBytes = size_t(1) << 20;
+  KeptVector(int64_t n, const T& fill) : v_(calling_thread()) { v_.assign(static_cast<size_t>(n), fill); }
+  ~KeptVector() {
+    if (v_.capacity() * sizeof(T) > kKeptBytes) std::vector<T>().swap(v_);
+  }
+  KeptVector(const KeptVector&) = delete;
+  KeptVector& operator=(const KeptVector&) = delete;
+  T& operator[](int64_t i) { return v_[static_cast<size_t>(i)]; }
+  const T& operator[](int64_t i) const { return v_[static_cast<size_t>(i)]; }
+  T* data() { return v_.data(); }
+  const std::vector<T>& vector() const { return v_; }
+  auto begin() { return v_.begin(); }
+  auto end() { return v_.end(); }
+
+ private:
+  static std::vector<T>& calling_thread() {
+    static thread_local std::vector<T> kept;
+    return kept;
+  }
+  std::vector<T>& v_;
+};
+
 // ---- ComPEFT: the sampled band of keys (AVX-512 table), fp64 moments (portable table) ----
 
 constexpr int64_t kCompeftChunk = int64_t(1) << 16;  // a multiple of 32: chunks start on whole bytes of codes
@@ -411,11 +445,11 @@ CompeftBand compeft_band(const U* bits, int64_t n, int64_t k) {
   constexpr int64_t S = kCompeftSample;
   constexpr uint32_t kTop = sizeof(U) == 2 ? 0x7FFFu : 0xFFFFu;
   if (n <= 2 * S) return {0, kTop, kTop};
-  std::vector<uint16_t> sample(static_cast<size_t>(S));
+  KeptVector<uint16_t, struct SampleKeys> sample(S, 0);
   at::parallel_for(0, S, 4096, [&](int64_t jb, int64_t je) {
     for (int64_t j = jb; j < je; ++j) sample[j] = coarse_key(bits[j * n / S]);  // j * n < 2^63 for n < 2^47
   });
-  std::vector<int32_t> count(kTop + 1, 0);  // the sample's keys, counted (no sort)
+  KeptVector<int32_t, struct SampleKeyCounts> count(kTop + 1, 0);  // the sample's keys, counted (no sort)
   for (const uint16_t key : sample) ++count[key];
   // the key of sample rank r, counting from the largest (rank 0)
   auto key_of_rank = [&](int64_t r) {
@@ -1717,14 +1751,22 @@ float abs_mean_avx512(const T* x, int64_t n) {
 // The band elements of one call, per scanning thread: each thread appends its
 // chunks' elements (patterns, and offsets in their chunk, both of type E) to
 // its own buffers and lists its chunks, so the fix-up reads each buffer as one
-// stream. The buffers belong to the calling thread (made in its constructor,
-// used from the workers) and keep their capacity between calls: no page faults
-// on the next call, no clearing. Per chunk: where its elements are, how many,
+// stream. The buffers and lists belong to the calling thread (made in its
+// constructor, used from the workers) and keep their capacity between calls,
+// as the per-chunk records do (KeptVector): no allocation on the next call of
+// the same size, no clearing. Per chunk: where its elements are, how many,
 // and whether it kept them (at most kKeptPerChunk) or is to be rewritten.
 template <typename E>
 struct BandBuffers {
   struct PerThread {
-    std::vector<E> patterns, offsets;
+    std::vector<E> patterns, offsets;  // [0, used) hold this call's elements
+    int64_t used = 0;
+    std::vector<int64_t> chunks;  // the chunks this thread scanned, in order
+  };
+  struct Chunk {
+    int thread = 0;  // that scanned it
+    bool rewrite = false;  // too many band elements to keep
+    int64_t first = 0, count = 0;  // its elements in that thread's buffers
   };
   struct Slot {  // where the chunk being scanned puts its band elements
     int t;
@@ -1732,21 +1774,17 @@ struct BandBuffers {
     E* patterns;
     E* offsets;
   };
-  std::vector<PerThread>& of;                   // of[t]: thread t's elements
-  std::vector<int64_t> used;                    // of[t].*[0, used[t]) hold elements
-  std::vector<std::vector<int64_t>> chunks_of;  // the chunks thread t scanned, in order
-  std::vector<int> thread_of;                   // per chunk: the thread that scanned it
-  std::vector<int64_t> first_of, count_of;      // per chunk: its elements in that thread's buffers
-  std::vector<char> rewrite_of;                 // per chunk: too many band elements to keep
+  std::vector<PerThread>& of;  // of[t]: thread t's elements
+  KeptVector<Chunk, BandBuffers> chunk;
   const int nthreads;
 
   explicit BandBuffers(int64_t nchunks)
-      : of(calling_thread()), thread_of(static_cast<size_t>(nchunks)), first_of(static_cast<size_t>(nchunks)),
-        count_of(static_cast<size_t>(nchunks)), rewrite_of(static_cast<size_t>(nchunks)),
-        nthreads(at::get_num_threads()) {
+      : of(calling_thread()), chunk(nchunks, Chunk{}), nthreads(at::get_num_threads()) {
     of.resize(static_cast<size_t>(nthreads));
-    used.assign(static_cast<size_t>(nthreads), 0);
-    chunks_of.resize(static_cast<size_t>(nthreads));
+    for (PerThread& buf : of) {
+      buf.used = 0;
+      buf.chunks.clear();
+    }
   }
   static std::vector<PerThread>& calling_thread() {
     static thread_local std::vector<PerThread> buffers;
@@ -1757,8 +1795,8 @@ struct BandBuffers {
   Slot open(int64_t elements) {
     const int t = at::get_thread_num();
     TORCH_CHECK(t >= 0 && t < nthreads, "deltaops._C: internal error: thread ", t, " of ", nthreads);
-    const int64_t first = used[t], need = first + elements + 64 / static_cast<int64_t>(sizeof(E));
     PerThread& buf = of[t];
+    const int64_t first = buf.used, need = first + elements + 64 / static_cast<int64_t>(sizeof(E));
     if (static_cast<int64_t>(buf.patterns.size()) < need) {
       const size_t grown = std::max(2 * buf.patterns.size(), static_cast<size_t>(need));
       buf.patterns.resize(grown);
@@ -1770,24 +1808,24 @@ struct BandBuffers {
   // most kKeptPerChunk, else the chunk is to be rewritten.
   void close(const Slot& slot, int64_t c, int64_t count) {
     const bool keep = count <= kKeptPerChunk;
-    thread_of[c] = slot.t;
-    first_of[c] = slot.first;
-    count_of[c] = keep ? count : 0;
-    rewrite_of[c] = !keep;
-    used[slot.t] = slot.first + count_of[c];
-    chunks_of[slot.t].push_back(c);
+    chunk[c] = {slot.t, !keep, slot.first, keep ? count : 0};
+    of[slot.t].used = slot.first + chunk[c].count;
+    of[slot.t].chunks.push_back(c);
   }
-  const E* patterns(int64_t c) const { return of[thread_of[c]].patterns.data() + first_of[c]; }
-  const E* offsets(int64_t c) const { return of[thread_of[c]].offsets.data() + first_of[c]; }
-  int64_t count(int64_t c) const { return count_of[c]; }
-  bool rewrite(int64_t c) const { return rewrite_of[c] != 0; }
+  const E* patterns(int64_t c) const { return of[chunk[c].thread].patterns.data() + chunk[c].first; }
+  const E* offsets(int64_t c) const { return of[chunk[c].thread].offsets.data() + chunk[c].first; }
+  int64_t count(int64_t c) const { return chunk[c].count; }
+  bool rewrite(int64_t c) const { return chunk[c].rewrite; }
+  bool any_rewrite() const {
+    return std::any_of(chunk.vector().begin(), chunk.vector().end(), [](const Chunk& c) { return c.rewrite; });
+  }
   // f(c) for every chunk, each thread's chunks in order on one thread (its
   // buffers read as one stream), the threads in parallel.
   template <typename F>
   void for_each_chunk(const F& f) const {
     at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
       for (int64_t t = tb; t < te; ++t)
-        for (const int64_t c : chunks_of[t]) f(c);
+        for (const int64_t c : of[t].chunks) f(c);
     });
   }
 };
@@ -1813,7 +1851,7 @@ std::pair<uint32_t, int64_t> add_up_chunks(const std::vector<CompeftChunk>& chun
 // band missed it; `count` ends at the number of elements above that key.
 int64_t key_of_kth(const std::vector<uint32_t>& hist, int64_t nchunks, int64_t lo, int64_t width, int64_t k,
                    int64_t& count) {
-  std::vector<int64_t> merged(static_cast<size_t>(width), 0);
+  KeptVector<int64_t, struct MergedHistogram> merged(width, 0);
   for (int64_t c = 0; c < nchunks; ++c)
     for (int64_t w = 0; w < width; ++w) merged[w] += hist[c * width + w];
   for (int64_t key = lo + width - 1; count < k && key >= lo; --key) {
@@ -1823,16 +1861,16 @@ int64_t key_of_kth(const std::vector<uint32_t>& hist, int64_t nchunks, int64_t l
   return -1;
 }
 
-// Each chunk's share of the `take` threshold ties kept: equal keys are kept
-// in flat order, so chunk by chunk until `take` is used up.
-std::vector<int64_t> tie_budgets(const std::vector<int64_t>& ties, int64_t take) {
-  std::vector<int64_t> budget(ties.size(), 0);
+// Each chunk's share of the `take` threshold ties kept, in place of its
+// count of ties: equal keys are kept in flat order, so chunk by chunk until
+// `take` is used up.
+void ties_to_budgets(int64_t* ties, int64_t nchunks, int64_t take) {
   int64_t before = 0;
-  for (size_t c = 0; c < ties.size(); ++c) {
-    budget[c] = std::clamp<int64_t>(take - before, 0, ties[c]);
-    before += ties[c];
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t tied = ties[c];
+    ties[c] = std::clamp<int64_t>(take - before, 0, tied);
+    before += tied;
   }
-  return budget;
 }
 
 // ComPEFT for bf16/fp16 (see compeft_scan): fills `moments` with
@@ -1849,8 +1887,8 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
   const int64_t lo = range.lo, hi = range.hi, width = hi - lo + 1;
   at::Tensor packed = new_output({packed_nbytes(n, 2)}, x.options().dtype(at::kByte));
   uint8_t* out = packed.data_ptr<uint8_t>();
-  std::vector<CompeftChunk> chunks(static_cast<size_t>(nchunks));
-  std::vector<uint32_t> hist(static_cast<size_t>(nchunks * width), 0u);  // per chunk: hist[key - lo]
+  KeptVector<CompeftChunk, struct ChunkSums> chunks(nchunks, CompeftChunk{});
+  KeptVector<uint32_t, struct BandHistograms> hist(nchunks * width, 0u);  // per chunk: hist[key - lo]
   BandBuffers<uint16_t> bands(nchunks);
   const bool vbmi2 = vbmi2_enabled();
   parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
@@ -1862,18 +1900,18 @@ at::Tensor compeft_avx512(const at::Tensor& x, int64_t k, double* moments) {
     count_band_keys(slot.patterns, count, range.lo, width, hist.data() + c * width);
     bands.close(slot, c, count);
   });
-  const auto [max_key, above] = add_up_chunks(chunks, moments);
+  const auto [max_key, above] = add_up_chunks(chunks.vector(), moments);
   if (max_key >= (kBF16 ? 0x7F80u : 0x7C00u)) throw_nonfinite(static_cast<const T*>(x.data_ptr()), n, "x");
   // additions per term: in its lane, 2 + 3 levels of vector sums (counted as 2 + 7), one per chunk
   moments[2] = static_cast<double>(kCompeftChunk / 32 + 9 + nchunks);
   if (k == 0) return packed;
 
   int64_t count = above;
-  const int64_t thr = key_of_kth(hist, nchunks, lo, width, k, count);
+  const int64_t thr = key_of_kth(hist.vector(), nchunks, lo, width, k, count);
   if (thr < 0) return compeft_pack(x, topk_mask(x, k));  // the band missed the k-th key
-  std::vector<int64_t> ties(static_cast<size_t>(nchunks));
-  for (int64_t c = 0; c < nchunks; ++c) ties[c] = hist[c * width + (thr - lo)];
-  const std::vector<int64_t> budget = tie_budgets(ties, k - count);
+  KeptVector<int64_t, struct TieBudgets> budget(nchunks, 0);  // each chunk's threshold ties, then how many it keeps
+  for (int64_t c = 0; c < nchunks; ++c) budget[c] = hist[c * width + (thr - lo)];
+  ties_to_budgets(budget.data(), nchunks, k - count);
   bands.for_each_chunk([&](int64_t c) {
     const int64_t b = c * kCompeftChunk, e = std::min(n, b + kCompeftChunk);
     if (bands.rewrite(c))
@@ -1897,8 +1935,8 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
   const int64_t lo = range.lo, width = static_cast<int64_t>(range.hi) - lo + 1;
   at::Tensor packed = new_output({packed_nbytes(n, 2)}, x.options().dtype(at::kByte));
   uint8_t* out = packed.data_ptr<uint8_t>();
-  std::vector<CompeftChunk> chunks(static_cast<size_t>(nchunks));
-  std::vector<uint32_t> hist(static_cast<size_t>(nchunks * width), 0u);  // per chunk: hist[coarse key - lo]
+  KeptVector<CompeftChunk, struct ChunkSums> chunks(nchunks, CompeftChunk{});
+  KeptVector<uint32_t, struct BandHistograms> hist(nchunks * width, 0u);  // per chunk: hist[coarse key - lo]
   BandBuffers<uint32_t> bands(nchunks);
   parallel_chunks(n, kCompeftChunk, [&](int64_t b, int64_t e) {
     const auto slot = bands.open(e - b);
@@ -1907,37 +1945,35 @@ at::Tensor compeft_avx512_f32(const at::Tensor& x, int64_t k, double* moments) {
     count_band_keys(slot.patterns, count, range.lo, width, hist.data() + c * width);
     bands.close(slot, c, count);
   });
-  const auto [max_key, above] = add_up_chunks(chunks, moments);
+  const auto [max_key, above] = add_up_chunks(chunks.vector(), moments);
   if (max_key >= 0x7F800000u) throw_nonfinite(static_cast<const float*>(x.data_ptr()), n, "x");
   // additions per term: in its lane, 1 + 3 levels of vector sums (counted as 1 + 7), one per chunk
   moments[2] = static_cast<double>(kCompeftChunk / 16 + 8 + nchunks);
   if (k == 0) return packed;
   // a chunk with too many band elements to keep: the full top-k
-  const bool kept_all = std::none_of(bands.rewrite_of.begin(), bands.rewrite_of.end(), [](char r) { return r != 0; });
-  if (!kept_all || width == 0) return compeft_pack(x, topk_mask(x, k));
+  if (bands.any_rewrite() || width == 0) return compeft_pack(x, topk_mask(x, k));
 
   // the coarse bin of the k-th largest key, then its exact key among the bin's entries
   int64_t count = above;
-  const int64_t coarse = key_of_kth(hist, nchunks, lo, width, k, count);
+  const int64_t coarse = key_of_kth(hist.vector(), nchunks, lo, width, k, count);
   if (coarse < 0) return compeft_pack(x, topk_mask(x, k));  // the band missed the k-th key
   // (each thread's buffer counted on its own, then added up)
-  std::vector<std::vector<int64_t>> fine_of(static_cast<size_t>(bands.nthreads));
+  KeptVector<int64_t, struct FineKeyCounts> fine_of(bands.nthreads * 0x8000, 0);  // thread t: [t * 0x8000, +0x8000)
   at::parallel_for(0, bands.nthreads, 1, [&](int64_t tb, int64_t te) {
-    for (int64_t t = tb; t < te; ++t) {
-      fine_of[t].assign(0x8000, 0);
-      count_fine_keys(bands.of[t].patterns.data(), bands.used[t], static_cast<uint32_t>(coarse), fine_of[t].data());
-    }
+    for (int64_t t = tb; t < te; ++t)
+      count_fine_keys(bands.of[t].patterns.data(), bands.of[t].used, static_cast<uint32_t>(coarse),
+                      fine_of.data() + t * 0x8000);
   });
-  std::vector<int64_t> fine(0x8000, 0);
-  for (const auto& part : fine_of)
-    for (int64_t f = 0; f < 0x8000; ++f) fine[f] += part[f];
+  int64_t* fine = fine_of.data();  // thread 0's counts, the others added in
+  for (int64_t t = 1; t < bands.nthreads; ++t)
+    for (int64_t f = 0; f < 0x8000; ++f) fine[f] += fine_of[t * 0x8000 + f];
   int64_t low = 0x7FFF;
   for (; count + fine[low] < k; --low) count += fine[low];
   const uint32_t thr = (static_cast<uint32_t>(coarse) << 15) | static_cast<uint32_t>(low);
   const int64_t take = k - count;  // keys equal to thr that are kept, in flat order
-  std::vector<int64_t> ties(static_cast<size_t>(nchunks), 0);
-  bands.for_each_chunk([&](int64_t c) { ties[c] = count_equal_keys(bands.patterns(c), bands.count(c), thr); });
-  const std::vector<int64_t> budget = tie_budgets(ties, take);
+  KeptVector<int64_t, struct TieBudgets> budget(nchunks, 0);  // each chunk's threshold ties, then how many it keeps
+  bands.for_each_chunk([&](int64_t c) { budget[c] = count_equal_keys(bands.patterns(c), bands.count(c), thr); });
+  ties_to_budgets(budget.data(), nchunks, take);
   const uint32_t guess = (range.guess << 15) | 0x7FFFu;
   bands.for_each_chunk([&](int64_t c) {
     compeft_fixup(bands.patterns(c), bands.offsets(c), bands.count(c), c * kCompeftChunk, guess, thr, budget[c], out);
@@ -1964,7 +2000,7 @@ inline uint32_t absmean_key(double s) {
 
 CompeftBand absmean_band(const uint16_t* h, int64_t n) {
   constexpr int64_t S = kCompeftSample;
-  std::vector<float> sample(static_cast<size_t>(S));
+  KeptVector<float, struct SampleMagnitudes> sample(S, 0.0f);
   at::parallel_for(0, S, 4096, [&](int64_t jb, int64_t je) {
     for (int64_t j = jb; j < je; ++j) sample[j] = std::fabs(bf16_to_f32(h[j * n / S]));
   });
@@ -2014,7 +2050,7 @@ float absmean_one_read(const bf16_t* x, int64_t n, uint8_t* packed) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(x);
   const CompeftBand range = absmean_band(h, n);
   BandBuffers<uint16_t> bands((n + kCompeftChunk - 1) / kCompeftChunk);
-  std::vector<AbsBins> bins(static_cast<size_t>(bands.nthreads));  // exact integer sums: any order
+  KeptVector<AbsBins, struct ThreadAbsBins> bins(bands.nthreads, AbsBins{});  // exact integer sums: any order
   for (AbsBins& b : bins) b.clear();
   std::atomic<bool> finite{true};
   const bool vbmi2 = vbmi2_enabled();
