@@ -539,8 +539,11 @@ class Bench:
         return table
 
 
-def arg_parser(description: str) -> argparse.ArgumentParser:
-    """The common CLI: ``--quick`` and ``--out DIR``."""
+def arg_parser(description: str, *, keep_freed_memory: bool = False) -> argparse.ArgumentParser:
+    """The common CLI: ``--quick``, ``--out DIR``, ``--budget``, ``--threads`` and the
+    allocator mode. ``keep_freed_memory``: the family's default mode keeps freed
+    memory (``--default-allocator`` turns it off), for families whose targets
+    compare out-of-place ops with a copy into an existing buffer."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats (a smoke test: seconds)")
@@ -551,9 +554,14 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice; quick: 1, since a"
                         " busy shared machine stalls parallel regions on tiny tensors)")
-    p.add_argument("--keep-freed-memory", action="store_true",
+    p.add_argument("--keep-freed-memory", action="store_true", default=keep_freed_memory,
                    help="glibc mallopt so freed large buffers are reused without page faults"
-                        " (out-of-place ops then time the kernel, not the first touch)")
+                        " (out-of-place ops then time the kernel, not the first touch)"
+                        + (" (this family's default)" if keep_freed_memory else ""))
+    if keep_freed_memory:
+        p.add_argument("--default-allocator", dest="keep_freed_memory", action="store_false",
+                       help="leave glibc's allocator as it is (outputs page-faulted in when"
+                            " glibc has returned their memory)")
     return p
 
 

@@ -1,6 +1,6 @@
 """Benchmark of the low-bit delta family: quantize and apply_ (fused dequantize-add) per format.
 
-    python bench/quant.py [--quick] [--out DIR] [--budget S] [--threads N] [--keep-freed-memory]
+    python bench/quant.py [--quick] [--out DIR] [--budget S] [--threads N] [--default-allocator]
 
 Full run: a 4096x11008 bf16 weight and delta (one MLP projection of a 7B
 model), about 2-4 minutes on 2 cores. ``--quick``: 128x512, a few seconds
@@ -19,6 +19,17 @@ bandwidth measured in the same run):
   known). Absmean on fp16/fp32 reads it a second time (its exact mean before
   its codes); that pass is not counted (the model counts what an ideal
   kernel must move).
+
+Allocator: this family keeps freed memory by default (glibc ``mallopt``, as
+``--keep-freed-memory`` in the other families; ``--default-allocator`` turns
+it off). The targets compare each quantizer, which returns a new format,
+with a copy into an existing buffer; with glibc's defaults the output's
+memory is sometimes fresh (the 45 MB 8-bit codes always are: above glibc's
+mmap limit), so the same kernel measures 3.5 or 5-14 ms depending on what
+the cases before it left in the heap. Keeping freed memory times what the
+kernel moves (as tcmalloc/jemalloc would, which PyTorch's CPU launcher
+``torch.backends.xeon.run_cpu`` preloads by default for this reason). The
+header names the mode.
 
 Besides the timing table, a second table gives each format's size against
 the bf16 delta and its reconstruction error ``||dq - delta||_F / ||delta||_F``
@@ -146,7 +157,7 @@ def bench_cpu(bench: Bench, do, shape, quick: bool) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = arg_parser(__doc__.splitlines()[0], keep_freed_memory=True).parse_args(argv)
     configure(args)
     torch.manual_seed(0)
     do = import_deltaops()
