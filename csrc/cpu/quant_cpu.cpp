@@ -384,13 +384,15 @@ T* thread_scratch(int64_t n) {
 
 // A driver's per-call bookkeeping (a sample, per-chunk sums and histograms):
 // n copies of `fill` in a vector the calling thread keeps between calls, one
-// per Role. Why: the op's large output comes from glibc's heap, and vectors
-// made and freed beside it on every call fragment that heap, so every few
-// calls the output no longer fits the hole it left and the heap grows again
-// (hundreds of page faults: 5-14 ms for a 3.5 ms ComPEFT call in
-// bench/quant.py's sequence of formats). Vectors above kKeptBytes are given
-// back when the call ends. Captured by reference in the workers' lambdas
-// (a thread_local named there would be the worker's own).
+// per Role (a tag type, usually declared where it is used). Why: the op's
+// large output comes from glibc's heap, and vectors made and freed beside it
+// on every call fragment that heap, so that some calls find no hole for the
+// output and grow the heap again (hundreds of page faults: 5-14 ms for a
+// 3.5 ms ComPEFT call in bench/quant.py's sequence of formats; with the
+// bookkeeping kept, fewer such calls, not none, as the heap is shared with
+// the rest of the process). Vectors above kKeptBytes are given back when the
+// call ends. Captured by reference in the workers' lambdas (a thread_local
+// named there would be the worker's own).
 template <typename T, typename Role>
 class KeptVector {
  public:
