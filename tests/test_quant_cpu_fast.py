@@ -375,9 +375,9 @@ def vbmi2(request, isa):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_compeft_quantize_on_large_tensors(isa, vbmi2, dtype):
-    """The CPU kernel's paths for 16-bit types (sampled band, codes fixed up after the
-    threshold is known, chunks rewritten, full top-k when the band misses) and the
-    portable one: codes bit for bit against the reference, 1 and 2 threads alike,
+    """The CPU kernel's paths for fp32 and the 16-bit types (sampled band, codes fixed
+    up after the threshold is known, chunks rewritten, full top-k when the band misses)
+    and the portable one: codes bit for bit against the reference, 1 and 2 threads alike,
     the scale exact."""
     for name, x in compeft_cases(dtype):
         n = x.numel()

@@ -1164,11 +1164,10 @@ DQ_AVX512 void count_band_keys(const P* band, int64_t count, uint32_t lo, int64_
     int64_t total = 0;
     if constexpr (sizeof(P) == 2) {
       const __m512i keyv = _mm512_set1_epi16(static_cast<int16_t>(key)), key_mask = _mm512_set1_epi16(0x7FFF);
-      for (int64_t j = 0; j < count; j += 32) {
-        const __mmask32 m = count - j >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (count - j)) - 1u);
-        const __m512i pattern = _mm512_maskz_loadu_epi16(m, band + j);
+      for_patterns32(band, 0, count, [&](int64_t, int64_t, __mmask32 m, __m512i pattern)
+                                         DQ_AVX512 __attribute__((always_inline)) {
         total += _mm_popcnt_u32(_mm512_mask_cmpeq_epu16_mask(m, _mm512_and_si512(pattern, key_mask), keyv));
-      }
+      });
     } else {
       const __m512i keyv = _mm512_set1_epi32(static_cast<int32_t>(key)), key_mask = _mm512_set1_epi32(0x7FFFFFFF);
       for (int64_t j = 0; j < count; j += 16) {

@@ -60,8 +60,8 @@ std::string isa();
 // DELTAOPS_CPU_ISA when set), "avx512", or "avx2"/"baseline". Returns the one
 // in use; ValueError if the CPU cannot run the one asked for.
 std::string set_isa(const std::string& name);
-// Whether the avx512 table may use AVX512-VBMI2 instructions (only ComPEFT's
-// scan does): where the CPU has them, unless a test turned them off with
+// Whether the avx512 table may use AVX512-VBMI2 instructions (the ComPEFT and
+// bf16 absmean scans do): where the CPU has them, unless a test turned them off with
 // set_vbmi2(false) to run the code written for CPUs without them. Returns
 // whether they are in use; ValueError when asked for on a CPU without them.
 bool vbmi2_enabled();
